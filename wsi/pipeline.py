@@ -1,0 +1,219 @@
+"""`wsi tile` as a Python API: slides in, a tile store out, one bad slide never stopping a cohort.
+
+Per slide: open -> segment tissue -> plan the grid -> write coords and tissue -> fill `tiles` chunk by
+chunk (in worker processes, each with its own slide handle, writing straight to the store) -> mark
+complete. Re-running skips complete slides and redoes the rest; `overwrite` redoes everything.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .cohort import SlideSource
+from .slide import SlideError, open_slide
+from .store import COMPLETE, TILE_CHUNK, TileStore, file_fingerprint
+from .tiling import TileGeometry, TileReader, plan_tiles, tile_geometry
+from .tissue import TissueParams, segment_tissue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    target_mpp: float = 0.5
+    patch_size: int = 256
+    overlap: int = 0
+    min_tissue: float = 0.25
+    save_tiles: bool = True
+    fast_read: bool = True
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    def store_attrs(self) -> dict:
+        """The settings that define a store's tiles; a complete slide tiled otherwise is not reused."""
+        return {"mpp": self.target_mpp, "patch_size": self.patch_size, "overlap": self.overlap,
+                "min_tissue": self.min_tissue, "tiles_stored": self.save_tiles}
+
+
+@dataclass
+class SlideResult:
+    slide_id: str
+    source: str
+    status: str                 # complete | skipped | failed
+    n_tiles: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    method: str | None = None   # how pixels were read: jpeg-direct | openslide | coords-only
+    tissue_fraction: float | None = None
+    slide_mpp: float | None = None
+
+
+# ---- worker side: one slide handle and one zarr array per process, reused across chunks ---------
+_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _worker_state(key: tuple):
+    if key not in _CACHE:
+        import zarr
+
+        path, mpp, geom, fast, tiles_path = key
+        slide = open_slide(path, mpp)
+        _CACHE[key] = (slide, TileReader(slide, geom, fast), zarr.open_array(tiles_path, mode="r+"))
+        while len(_CACHE) > 2:  # the previous slide's handles, kept only while its last chunks finish
+            _, (s, r, _a) = _CACHE.popitem(last=False)
+            r.close()
+            s.close()
+    return _CACHE[key]
+
+
+def _fill_chunk(task: tuple) -> int:
+    """Read the tiles of one store chunk and write them; returns how many."""
+    key, start, coords = task
+    _, reader, arr = _worker_state(key)
+    arr[start:start + len(coords)] = reader.read_many(coords)
+    return len(coords)
+
+
+def _pool(workers: int):
+    import multiprocessing as mp
+
+    # spawn, not fork: zarr runs an event-loop thread and openslide holds native state, neither
+    # of which survives a fork.
+    return mp.get_context("spawn").Pool(workers)
+
+
+# ---- driver side -----------------------------------------------------------------------------------
+def _needs_work(store: TileStore, src: SlideSource, cfg: TilingConfig, overwrite: bool) -> tuple[bool, str]:
+    if overwrite or store.status(src.slide_id) != COMPLETE:
+        return True, ""
+    attrs = dict(store.slide(src.slide_id).attrs)
+    wanted = cfg.store_attrs()
+    differs = {k: (attrs.get(k), v) for k, v in wanted.items() if attrs.get(k) != v}
+    if differs:
+        what = ", ".join(f"{k} {old} (asked {new})" for k, (old, new) in differs.items())
+        return False, f"complete with other settings: {what}; pass --overwrite to redo it"
+    try:
+        if attrs.get("fingerprint") != file_fingerprint(src.path):
+            log.warning("%s: source file changed since it was tiled; tiling it again", src.path)
+            return True, ""
+    except OSError:
+        pass  # source moved away: the stored tiles are still good
+    return False, "already complete"
+
+
+def tile_slide(store: TileStore, src: SlideSource, cfg: TilingConfig, pool=None, viz_dir: Path | None = None,
+               progress: bool = True) -> SlideResult:
+    """Tile one slide into `store`. Raises SlideError (naming the file) when the slide cannot be used."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    with open_slide(src.path, src.mpp) as slide:
+        geom = tile_geometry(slide, cfg.target_mpp, cfg.patch_size, cfg.overlap)
+        tissue = segment_tissue(slide, cfg.tissue)
+        if tissue.fraction == 0:
+            raise SlideError(f"{src.path}: no tissue found (saturation threshold {tissue.threshold}); "
+                             "is it blank, or a fluorescence image? Check its thumbnail")
+        coords, frac = plan_tiles(slide, tissue, geom, cfg.min_tissue)
+        if len(coords) == 0:
+            raise SlideError(f"{src.path}: tissue found ({tissue.fraction:.1%} of the slide) but no "
+                             f"{cfg.patch_size}px tile at {cfg.target_mpp} µm/px has >= {cfg.min_tissue:.0%} "
+                             "tissue; lower --min-tissue or --patch-size")
+        W, H = slide.dimensions
+        attrs = {"source": str(Path(src.path).resolve()), "fingerprint": file_fingerprint(src.path),
+                 "slide_mpp": slide.mpp, "slide_mpp_source": "metadata" if src.mpp is None else "given",
+                 "level0_size": [W, H], "vendor": slide.vendor, **cfg.store_attrs(),
+                 "patch_size_level0": geom.patch_size_level0, "read_level": geom.level,
+                 "read_size": geom.read_size, "tissue_params": cfg.tissue.to_dict()}
+        store.begin_slide(src.slide_id, attrs)
+        store.write_slide_arrays(src.slide_id, coords, tissue.mask,
+                                 {"downsample": list(tissue.downsample), "mpp": tissue.mpp,
+                                  "threshold": tissue.threshold},
+                                 cfg.patch_size if cfg.save_tiles else None, frac)
+        method = "coords-only"
+        if cfg.save_tiles:
+            reader = TileReader(slide, geom, cfg.fast_read)
+            method = reader.method
+            key = (str(src.path), src.mpp, geom, cfg.fast_read, store.tiles_array_path(src.slide_id))
+            tasks = [(key, s, coords[s:s + TILE_CHUNK]) for s in range(0, len(coords), TILE_CHUNK)]
+            bar = tqdm(total=len(coords), desc=src.slide_id, unit="tile", disable=not progress, leave=False)
+            if pool is None:
+                _CACHE.clear()
+                _CACHE[key] = (slide, reader, store.slide(src.slide_id)["tiles"])
+                for t in tasks:
+                    bar.update(_fill_chunk(t))
+                _CACHE.clear()
+            else:
+                for n in pool.imap_unordered(_fill_chunk, tasks):
+                    bar.update(n)
+            bar.close()
+            reader.close()
+        seconds = time.perf_counter() - t0
+        store.mark_complete(src.slide_id, n_tiles=len(coords), seconds=round(seconds, 3), read_method=method)
+        if viz_dir is not None:
+            from .viz import tiling_overview
+
+            tiling_overview(slide, tissue, coords, geom.patch_size_level0, Path(viz_dir) / f"{src.slide_id}.png",
+                            title=f"{src.slide_id}: {len(coords)} tiles at {cfg.target_mpp} um/px")
+    return SlideResult(src.slide_id, str(src.path), "complete", len(coords), seconds, None, method,
+                       tissue.fraction, slide.mpp)
+
+
+def tile_cohort(sources: list[SlideSource], store_path: str | Path, cfg: TilingConfig = TilingConfig(),
+                workers: int = 1, overwrite: bool = False, viz_dir: str | Path | None = None,
+                progress: bool = True) -> list[SlideResult]:
+    """Tile every slide into the store at `store_path`; failures are recorded and skipped."""
+    from tqdm.auto import tqdm
+
+    store = TileStore(store_path)
+    results: list[SlideResult] = []
+    pool = _pool(workers) if workers > 1 and cfg.save_tiles else None
+    try:
+        for src in tqdm(sources, desc="slides", unit="slide", disable=not progress or len(sources) < 2):
+            todo, why = _needs_work(store, src, cfg, overwrite)
+            if not todo:
+                (log.warning if "other settings" in why else log.info)("%s: skipped, %s", src.slide_id, why)
+                info = store.slide_info(src.slide_id)
+                results.append(SlideResult(src.slide_id, str(src.path), "skipped", info["n_tiles"],
+                                           error=None if why == "already complete" else why,
+                                           slide_mpp=info["slide_mpp"]))
+                continue
+            try:
+                res = tile_slide(store, src, cfg, pool, Path(viz_dir) if viz_dir else None, progress)
+                log.info("%s: %d tiles in %.1f s (%s)", src.slide_id, res.n_tiles, res.seconds, res.method)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # one bad slide never stops a cohort
+                msg = str(e) if isinstance(e, SlideError) else f"{src.path}: {type(e).__name__}: {e}"
+                log.error("%s: failed: %s", src.slide_id, msg)
+                store.mark_failed(src.slide_id, msg, {"source": str(src.path)})
+                res = SlideResult(src.slide_id, str(src.path), "failed", error=msg)
+            results.append(res)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return results
+
+
+def results_table(results: list[SlideResult]) -> str:
+    """A plain-text table of per-slide outcomes, and a closing count."""
+    rows = [("slide", "status", "tiles", "slide µm/px", "tissue", "seconds", "read", "note")]
+    for r in results:
+        rows.append((r.slide_id, r.status, str(r.n_tiles), f"{r.slide_mpp:.3f}" if r.slide_mpp else "-",
+                     f"{r.tissue_fraction:.0%}" if r.tissue_fraction is not None else "-",
+                     f"{r.seconds:.1f}" if r.seconds else "-", r.method or "-", (r.error or "")[:90]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    n_ok = sum(r.status == "complete" for r in results)
+    n_skip = sum(r.status == "skipped" for r in results)
+    n_fail = sum(r.status == "failed" for r in results)
+    lines.append(f"{n_ok} tiled, {n_skip} skipped (already complete), {n_fail} failed, of {len(results)} slides")
+    return "\n".join(lines)
+
+
+def results_json(results: list[SlideResult]) -> list[dict]:
+    return [asdict(r) for r in results]

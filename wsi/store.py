@@ -1,0 +1,178 @@
+"""The Zarr v3 tile store: one group per slide holding coords, tissue, tiles, features, labels, predictions.
+
+    cohort.zarr/                 attrs: pathmil_schema, pathmil_version
+      slides/<slide_id>/         attrs: status, source, fingerprint, slide_mpp, mpp, patch_size, ...
+        coords   int32 (N, 2)    level-0 top-left x, y
+        tissue   uint8 (h, w)    low-resolution tissue mask; attrs: downsample
+        tiles    uint8 (N, P, P, 3), TILE_CHUNK tiles per chunk
+        features/<encoder>, labels/<name>, predictions/<run>
+
+A slide's `status` is "writing" while its arrays are being written, "complete" only after all of
+them are, and "failed" (with `error`) when it could not be processed. zarr's local store writes
+every file atomically (temp file + rename), so a kill never leaves a half-written `zarr.json`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+TILE_CHUNK = 8
+WRITING, COMPLETE, FAILED = "writing", "complete", "failed"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+class StoreError(Exception):
+    """The store is missing, of another kind, or asked for something it does not hold."""
+
+
+def validate_slide_id(slide_id: str) -> str:
+    """Return `slide_id` if it is a safe single path component, else raise ValueError."""
+    if not isinstance(slide_id, str) or not _ID_RE.fullmatch(slide_id):
+        raise ValueError(f"invalid slide id {slide_id!r}: use letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit (at most 200 characters)")
+    return slide_id
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    """A valid slide id from a file name: its stem with unsafe characters replaced by '_'."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = Path(name).stem
+    sid = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")[:200]
+    if not sid:
+        raise ValueError(f"{path}: cannot derive a slide id from this file name; give one in the cohort CSV")
+    return validate_slide_id(sid)
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """Size plus a hash of the first and last MiB: cheap, and changes when the file does."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+    return f"{size}:{h.hexdigest()[:16]}"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pathmil")
+    except Exception:
+        return "unknown"
+
+
+class TileStore:
+    """A cohort's tile store on disk (or any fsspec URL zarr accepts)."""
+
+    def __init__(self, path: str | Path, mode: str = "a"):
+        import zarr
+
+        self.path = Path(path) if "://" not in str(path) else path
+        if mode == "r":
+            if not (Path(path) / "zarr.json").exists() and "://" not in str(path):
+                raise StoreError(f"{path}: no tile store here; create one with `wsi tile SLIDES --store {path}`")
+            self.root = zarr.open_group(str(path), mode="r")
+        else:
+            self.root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        if "pathmil_schema" not in self.root.attrs:
+            if mode == "r":
+                raise StoreError(f"{path}: a Zarr group, but not a pathmil tile store")
+            self.root.attrs.update({"pathmil_schema": SCHEMA_VERSION, "pathmil_version": _version()})
+        elif self.root.attrs["pathmil_schema"] > SCHEMA_VERSION:
+            raise StoreError(f"{path}: written by a newer pathmil (schema {self.root.attrs['pathmil_schema']}); upgrade pathmil")
+        if mode != "r" and "slides" not in self.root:
+            self.root.create_group("slides")
+
+    # -- reading ---------------------------------------------------------------------------
+    def slide_ids(self) -> list[str]:
+        if "slides" not in self.root:
+            return []
+        return sorted(k for k, _ in self.root["slides"].groups())
+
+    def __contains__(self, slide_id: str) -> bool:
+        return validate_slide_id(slide_id) in self.slide_ids()
+
+    def slide(self, slide_id: str):
+        """The zarr group of a slide."""
+        validate_slide_id(slide_id)
+        try:
+            return self.root["slides"][slide_id]
+        except KeyError:
+            raise StoreError(f"{self.path}: no slide {slide_id!r}; it holds {len(self.slide_ids())} slides "
+                             "(see `wsi info`)") from None
+
+    def status(self, slide_id: str) -> str | None:
+        try:
+            return self.slide(slide_id).attrs.get("status")
+        except StoreError:
+            return None
+        except Exception:  # unreadable metadata: treat as not written
+            return None
+
+    def coords(self, slide_id: str) -> np.ndarray:
+        return self.slide(slide_id)["coords"][:]
+
+    def slide_info(self, slide_id: str) -> dict[str, Any]:
+        g = self.slide(slide_id)
+        a = dict(g.attrs)
+        feats = sorted(k for k, _ in g["features"].arrays()) if "features" in g else []
+        return {"id": slide_id, "status": a.get("status"),
+                "n_tiles": int(g["coords"].shape[0]) if "coords" in g else 0,
+                "mpp": a.get("mpp"), "patch_size": a.get("patch_size"), "slide_mpp": a.get("slide_mpp"),
+                "source": a.get("source"), "features": feats, "tiles": "tiles" in g,
+                "error": a.get("error")}
+
+    def info(self) -> list[dict[str, Any]]:
+        return [self.slide_info(s) for s in self.slide_ids()]
+
+    # -- writing ---------------------------------------------------------------------------
+    def begin_slide(self, slide_id: str, attrs: dict[str, Any]):
+        """Start (or restart) a slide: any previous content is removed, status becomes "writing"."""
+        validate_slide_id(slide_id)
+        slides = self.root["slides"]
+        if slide_id in slides:
+            del slides[slide_id]
+        return slides.create_group(slide_id, attributes={**attrs, "status": WRITING})
+
+    def write_slide_arrays(self, slide_id: str, coords: np.ndarray, tissue: np.ndarray,
+                           tissue_attrs: dict, patch_size: int | None, tissue_fraction: np.ndarray | None = None):
+        """coords, tissue mask and (if patch_size) an empty tiles array to be filled chunk by chunk."""
+        g = self.slide(slide_id)
+        n = len(coords)
+        g.create_array("coords", data=np.asarray(coords, np.int32), chunks=(max(1, min(n, 65536)), 2))
+        g.create_array("tissue", data=np.asarray(tissue, np.uint8),
+                       chunks=tuple(max(1, min(s, 1024)) for s in tissue.shape), attributes=tissue_attrs)
+        if tissue_fraction is not None:
+            g.create_array("tissue_fraction", data=np.asarray(tissue_fraction, np.float32),
+                           chunks=(max(1, min(n, 65536)),))
+        if patch_size:
+            g.create_array("tiles", shape=(n, patch_size, patch_size, 3), dtype="uint8",
+                           chunks=(TILE_CHUNK, patch_size, patch_size, 3), fill_value=0)
+
+    def tiles_array_path(self, slide_id: str) -> str:
+        return f"{self.path}/slides/{validate_slide_id(slide_id)}/tiles"
+
+    def mark_complete(self, slide_id: str, **attrs) -> None:
+        self.slide(slide_id).attrs.update({**attrs, "status": COMPLETE})
+
+    def mark_failed(self, slide_id: str, error: str, attrs: dict[str, Any] | None = None) -> None:
+        validate_slide_id(slide_id)
+        slides = self.root["slides"]
+        if slide_id in slides:
+            del slides[slide_id]
+        slides.create_group(slide_id, attributes={**(attrs or {}), "status": FAILED, "error": error})
