@@ -35,3 +35,13 @@ def write_png(path: Path, rgb: np.ndarray, dpi: float | None = None) -> Path:
     else:
         img.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def synth_cohort(tmp_path_factory) -> Path:
+    """Five small synthetic slides (8192x6144 at 0.25 µm/px), tumor and normal."""
+    from wsi.synthetic import make_cohort
+
+    out = tmp_path_factory.mktemp("synth")
+    make_cohort(out, n_slides=5, seed=3, width=8192, height=6144, workers=2, progress=False)
+    return out

@@ -78,7 +78,8 @@ def _fill_chunk(task: tuple) -> int:
     return len(coords)
 
 
-def _pool(workers: int):
+def make_pool(workers: int):
+    """Worker processes for `fill_tiles`."""
     import multiprocessing as mp
 
     # spawn, not fork: zarr runs an event-loop thread and openslide holds native state, neither
@@ -87,6 +88,34 @@ def _pool(workers: int):
 
 
 # ---- driver side -----------------------------------------------------------------------------------
+def fill_tiles(store: TileStore, src: SlideSource, slide, geom: TileGeometry, coords: np.ndarray, pool=None,
+               fast: bool = True, progress: bool = True) -> str:
+    """Read every tile at `coords` into the slide's `tiles` array, chunk by chunk; returns the read method.
+
+    With a pool, worker processes read and write whole chunks (no two touch one chunk); without,
+    it runs here on the already-open `slide`.
+    """
+    from tqdm.auto import tqdm
+
+    reader = TileReader(slide, geom, fast)
+    key = (str(src.path), src.mpp, geom, fast, store.tiles_array_path(src.slide_id))
+    tasks = [(key, s, coords[s:s + TILE_CHUNK]) for s in range(0, len(coords), TILE_CHUNK)]
+    with tqdm(total=len(coords), desc=src.slide_id, unit="tile", disable=not progress, leave=False) as bar:
+        if pool is None:
+            _CACHE.clear()
+            _CACHE[key] = (slide, reader, store.slide(src.slide_id)["tiles"])
+            try:
+                for t in tasks:
+                    bar.update(_fill_chunk(t))
+            finally:
+                _CACHE.clear()
+        else:
+            for n in pool.imap_unordered(_fill_chunk, tasks, chunksize=1):
+                bar.update(n)
+    reader.close()
+    return reader.method
+
+
 def _needs_work(store: TileStore, src: SlideSource, cfg: TilingConfig, overwrite: bool) -> tuple[bool, str]:
     if overwrite or store.status(src.slide_id) != COMPLETE:
         return True, ""
@@ -108,8 +137,6 @@ def _needs_work(store: TileStore, src: SlideSource, cfg: TilingConfig, overwrite
 def tile_slide(store: TileStore, src: SlideSource, cfg: TilingConfig, pool=None, viz_dir: Path | None = None,
                progress: bool = True) -> SlideResult:
     """Tile one slide into `store`. Raises SlideError (naming the file) when the slide cannot be used."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     with open_slide(src.path, src.mpp) as slide:
         geom = tile_geometry(slide, cfg.target_mpp, cfg.patch_size, cfg.overlap)
@@ -133,24 +160,8 @@ def tile_slide(store: TileStore, src: SlideSource, cfg: TilingConfig, pool=None,
                                  {"downsample": list(tissue.downsample), "mpp": tissue.mpp,
                                   "threshold": tissue.threshold},
                                  cfg.patch_size if cfg.save_tiles else None, frac)
-        method = "coords-only"
-        if cfg.save_tiles:
-            reader = TileReader(slide, geom, cfg.fast_read)
-            method = reader.method
-            key = (str(src.path), src.mpp, geom, cfg.fast_read, store.tiles_array_path(src.slide_id))
-            tasks = [(key, s, coords[s:s + TILE_CHUNK]) for s in range(0, len(coords), TILE_CHUNK)]
-            bar = tqdm(total=len(coords), desc=src.slide_id, unit="tile", disable=not progress, leave=False)
-            if pool is None:
-                _CACHE.clear()
-                _CACHE[key] = (slide, reader, store.slide(src.slide_id)["tiles"])
-                for t in tasks:
-                    bar.update(_fill_chunk(t))
-                _CACHE.clear()
-            else:
-                for n in pool.imap_unordered(_fill_chunk, tasks):
-                    bar.update(n)
-            bar.close()
-            reader.close()
+        method = fill_tiles(store, src, slide, geom, coords, pool, cfg.fast_read, progress) \
+            if cfg.save_tiles else "coords-only"
         seconds = time.perf_counter() - t0
         store.mark_complete(src.slide_id, n_tiles=len(coords), seconds=round(seconds, 3), read_method=method)
         if viz_dir is not None:
@@ -170,7 +181,7 @@ def tile_cohort(sources: list[SlideSource], store_path: str | Path, cfg: TilingC
 
     store = TileStore(store_path)
     results: list[SlideResult] = []
-    pool = _pool(workers) if workers > 1 and cfg.save_tiles else None
+    pool = make_pool(workers) if workers > 1 and cfg.save_tiles else None
     try:
         for src in tqdm(sources, desc="slides", unit="slide", disable=not progress or len(sources) < 2):
             todo, why = _needs_work(store, src, cfg, overwrite)

@@ -64,6 +64,7 @@ class JpegTileReader:
                 and self.tile_w % scale == 0 and self.tile_h % scale == 0)
 
     def decode_tile(self, index: int, scale: int = 1) -> np.ndarray:
+        """One slide tile at 1/`scale`, in cv2's BGR order (callers convert once per region)."""
         import cv2
 
         n = int(self.counts[index])
@@ -75,15 +76,19 @@ class JpegTileReader:
         bgr = cv2.imdecode(np.frombuffer(self._prefix + data[2:], np.uint8), getattr(cv2, _SCALE_FLAGS[scale]))
         if bgr is None:
             raise OSError(f"{self.path}: tile {index} is not valid JPEG data")
-        return bgr[..., ::-1]
+        return bgr
 
     def read(self, x: int, y: int, w: int, h: int, scale: int = 1) -> np.ndarray:
         """Level pixels [x, x+w) × [y, y+h), downscaled by `scale`: (h/scale, w/scale, 3) uint8."""
+        import cv2
+
         if not self.can_read(x, y, scale):
             raise ValueError(f"region at ({x}, {y}) cannot be decoded at 1/{scale} scale")
-        out = np.full((h // scale, w // scale, 3), 255, np.uint8)
         tw, th = self.tile_w, self.tile_h
         x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        covered = x >= 0 and y >= 0 and x1 == x + w and y1 == y + h
+        out = np.empty((h // scale, w // scale, 3), np.uint8) if covered else \
+            np.full((h // scale, w // scale, 3), 255, np.uint8)
         for ty in range(max(y, 0) // th, (y1 - 1) // th + 1):
             for tx in range(max(x, 0) // tw, (x1 - 1) // tw + 1):
                 tile = self.decode_tile(ty * self.tiles_x + tx, scale)
@@ -95,7 +100,7 @@ class JpegTileReader:
                 s = scale
                 out[(ay0 - y) // s:(ay1 - y) // s, (ax0 - x) // s:(ax1 - x) // s] = \
                     tile[(ay0 - ty * th) // s:(ay1 - ty * th) // s, (ax0 - tx * tw) // s:(ax1 - tx * tw) // s]
-        return out
+        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
 
     def close(self) -> None:
         if self._fd >= 0:

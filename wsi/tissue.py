@@ -56,7 +56,8 @@ def thumbnail(slide: Slide, mpp: float) -> tuple[np.ndarray, tuple[float, float]
 
     level = 0
     for i in range(len(slide.levels)):
-        if slide.level_mpp(i) <= 2 * mpp:
+        # 5 % slack: real pyramids are not exact powers (an Aperio "64x" level is often 64.01x)
+        if slide.level_mpp(i) <= 2 * mpp * 1.05:
             level = i
     img = slide.read_level(level)
     f = slide.level_mpp(level) / mpp
