@@ -103,6 +103,13 @@ def test_no_tiles_and_changed_settings(tmp_path, cmu_slide):
     assert TileStore(store, mode="r").slide("cmu_small_region").attrs["mpp"] == 1.0
 
 
+def test_store_path_that_is_not_a_store(tmp_path, cmu_slide):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "results.csv").write_text("a,b\n")
+    r = run_cli("tile", str(cmu_slide), "--store", str(tmp_path / "taken"))
+    assert r.returncode == 2 and "exists and is not a tile store" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_nothing_to_tile_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run_cli("tile", str(tmp_path / "empty"), "--store", str(tmp_path / "s.zarr"))

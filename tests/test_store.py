@@ -74,3 +74,18 @@ def test_status_lifecycle_and_schema(tmp_path):
         store.slide("zz")
     with pytest.raises(StoreError, match="no tile store here"):
         TileStore(tmp_path / "absent.zarr", mode="r")
+
+
+def test_refuses_to_adopt_other_folders(tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("x")
+    with pytest.raises(StoreError, match="exists and is not a tile store"):
+        TileStore(busy)
+    import zarr
+
+    other = zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    other.create_group("stuff")
+    with pytest.raises(StoreError, match="not a pathmil tile store"):
+        TileStore(tmp_path / "other.zarr")
+    assert "pathmil_schema" not in zarr.open_group(str(tmp_path / "other.zarr"), mode="r").attrs

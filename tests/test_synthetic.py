@@ -15,7 +15,8 @@ from PIL import Image
 from skimage.draw import polygon as draw_polygon
 from skimage.morphology import isotropic_dilation, isotropic_erosion
 
-from wsi.synthetic import SynthSlide, _Scene, make_cohort, write_slide
+from wsi.synthetic import SynthSlide, make_cohort, write_slide
+from wsi.synthetic.render import _Scene
 
 W, H, MPP = 4096, 3072, 0.25
 SEED = 11

@@ -5,7 +5,7 @@
 - `tile_geometry`, `plan_tiles`, `TileReader` (tiling.py): a grid at a physical resolution, tile pixels.
 - `TileStore` (store.py): the Zarr v3 store shared by every pathmil package.
 - `tile_cohort` (pipeline.py): the `wsi tile` command as a function.
-- `make_cohort` (synthetic.py): synthetic slides with tumor annotations.
+- `make_cohort` (synthetic/): synthetic slides with tumor annotations.
 - `tiling_overview` (viz.py): a picture of what was tiled.
 
 Submodules import their heavy dependencies lazily; import what you use from them directly.

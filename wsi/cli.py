@@ -41,8 +41,14 @@ def _cmd_tile(a: argparse.Namespace) -> int:
     cfg = TilingConfig(target_mpp=a.mpp, patch_size=a.patch_size, overlap=a.overlap, min_tissue=a.min_tissue,
                        save_tiles=not a.no_tiles, fast_read=not a.no_fast_read,
                        tissue=TissueParams(min_area_um2=a.min_area_um2, max_hole_um2=a.max_hole_um2))
-    results = tile_cohort(sources, a.store, cfg, workers=a.workers, overwrite=a.overwrite, viz_dir=a.viz,
-                          progress=not a.quiet and not a.no_progress)
+    from .store import StoreError
+
+    try:
+        results = tile_cohort(sources, a.store, cfg, workers=a.workers, overwrite=a.overwrite, viz_dir=a.viz,
+                              progress=not a.quiet and not a.no_progress)
+    except StoreError as e:
+        log.error("%s", e)
+        return 2
     if a.json:
         print(json.dumps(results_json(results), indent=1))
     else:

@@ -25,6 +25,7 @@ SCHEMA_VERSION = 1
 TILE_CHUNK = 8
 WRITING, COMPLETE, FAILED = "writing", "complete", "failed"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+FEATURE_ROWS_PER_CHUNK = 4096
 
 
 class StoreError(Exception):
@@ -37,6 +38,14 @@ def validate_slide_id(slide_id: str) -> str:
         raise ValueError(f"invalid slide id {slide_id!r}: use letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit (at most 200 characters)")
     return slide_id
+
+
+def feature_key(encoder: str) -> str:
+    """The array name under `features/` for an encoder id: 'hf-hub:MahmoodLab/UNI' -> 'hf-hub_MahmoodLab_UNI'."""
+    key = re.sub(r"[^A-Za-z0-9._-]", "_", encoder).strip("._-")
+    if not key:
+        raise ValueError(f"cannot make a feature name from encoder {encoder!r}")
+    return key[:200]
 
 
 def slide_id_from_path(path: str | Path) -> str:
@@ -88,10 +97,14 @@ class TileStore:
                 raise StoreError(f"{path}: no tile store here; create one with `wsi tile SLIDES --store {path}`")
             self.root = zarr.open_group(str(path), mode="r")
         else:
+            local = Path(path) if "://" not in str(path) else None
+            if local is not None and local.exists() and not (local / "zarr.json").exists() and \
+                    (not local.is_dir() or any(local.iterdir())):
+                raise StoreError(f"{path}: exists and is not a tile store; choose a new path for --store")
             self.root = zarr.open_group(str(path), mode="a", zarr_format=3)
         if "pathmil_schema" not in self.root.attrs:
-            if mode == "r":
-                raise StoreError(f"{path}: a Zarr group, but not a pathmil tile store")
+            if mode == "r" or len(list(self.root.keys())):
+                raise StoreError(f"{path}: a Zarr group, but not a pathmil tile store; choose a new path for --store")
             self.root.attrs.update({"pathmil_schema": SCHEMA_VERSION, "pathmil_version": _version()})
         elif self.root.attrs["pathmil_schema"] > SCHEMA_VERSION:
             raise StoreError(f"{path}: written by a newer pathmil (schema {self.root.attrs['pathmil_schema']}); upgrade pathmil")
@@ -168,6 +181,46 @@ class TileStore:
             g.create_array("tiles", shape=(n, patch_size, patch_size, 3), dtype="uint8",
                            chunks=(TILE_CHUNK, patch_size, patch_size, 3), fill_value=0,
                            compressors=[ZstdCodec(level=1)])
+
+    # -- features ----------------------------------------------------------------------------
+    def create_features(self, slide_id: str, encoder: str, n: int, dim: int, attrs: dict[str, Any],
+                        dtype: str = "float32"):
+        """An empty `features/<encoder>` array (N, D) to fill batch by batch; `complete` is False until
+        `finish_features`. Any earlier array of that name is replaced."""
+        g = self.slide(slide_id)
+        feats = g["features"] if "features" in g else g.create_group("features")
+        key = feature_key(encoder)
+        if key in feats:
+            del feats[key]
+        return feats.create_array(key, shape=(n, dim), dtype=dtype,
+                                  chunks=(max(1, min(n, FEATURE_ROWS_PER_CHUNK)), dim),
+                                  attributes={**attrs, "encoder": encoder, "complete": False})
+
+    def write_features(self, slide_id: str, encoder: str, features: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Write a whole (N, D) feature array at once and mark it complete."""
+        if features.ndim != 2 or features.shape[0] != self.slide(slide_id)["coords"].shape[0]:
+            raise ValueError(f"{slide_id}: features of shape {features.shape} do not match "
+                             f"{self.slide(slide_id)['coords'].shape[0]} tiles")
+        arr = self.create_features(slide_id, encoder, features.shape[0], features.shape[1], attrs,
+                                   dtype=str(features.dtype))
+        arr[:] = features
+        self.finish_features(slide_id, encoder)
+
+    def finish_features(self, slide_id: str, encoder: str) -> None:
+        self.slide(slide_id)["features"][feature_key(encoder)].attrs["complete"] = True
+
+    def has_features(self, slide_id: str, encoder: str) -> bool:
+        """True only for a complete feature array."""
+        try:
+            return bool(self.slide(slide_id)["features"][feature_key(encoder)].attrs.get("complete"))
+        except (KeyError, StoreError):
+            return False
+
+    def features(self, slide_id: str, encoder: str) -> np.ndarray:
+        if not self.has_features(slide_id, encoder):
+            raise StoreError(f"{self.path}: slide {slide_id!r} has no complete features for {encoder!r}; "
+                             f"run `wsi embed {self.path} --encoder {encoder}`")
+        return self.slide(slide_id)["features"][feature_key(encoder)][:]
 
     def tiles_array_path(self, slide_id: str) -> str:
         return f"{self.path}/slides/{validate_slide_id(slide_id)}/tiles"
