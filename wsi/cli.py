@@ -88,9 +88,11 @@ def _cmd_info(a: argparse.Namespace) -> int:
 def _cmd_synth(a: argparse.Namespace) -> int:
     from .synthetic import make_cohort
 
-    slides = make_cohort(a.out, n_slides=a.slides, seed=a.seed, width=a.width, height=a.height, mpp=a.slide_mpp,
-                         tile_size=a.tile_size, positive_fraction=a.positive_fraction, workers=a.workers,
-                         progress=not a.quiet)
+    # Options left out take make_cohort's own defaults, so they are written down in one place only.
+    given = {k: v for k, v in (("width", a.width), ("height", a.height), ("mpp", a.slide_mpp),
+                               ("tile_size", a.tile_size)) if v is not None}
+    slides = make_cohort(a.out, n_slides=a.slides, seed=a.seed, positive_fraction=a.positive_fraction,
+                         workers=a.workers, progress=not a.quiet, **given)
     for s in slides:
         print(f"{s.slide_id}\t{s.label}\t{s.width}x{s.height}\t{s.path}")
     print(f"{len(slides)} slides, labels in {Path(a.out) / 'labels.csv'}, annotations in {Path(a.out) / 'annotations'}")
@@ -246,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path)
     s.add_argument("--slides", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--width", type=int, default=16384)
-    s.add_argument("--height", type=int, default=12288)
-    s.add_argument("--slide-mpp", type=_positive_float, default=0.25, help="level-0 µm/px (default 0.25 ≈ 40×)")
-    s.add_argument("--tile-size", type=int, default=256)
+    s.add_argument("--width", type=int, default=None, help="level-0 width in px (default: make_cohort's)")
+    s.add_argument("--height", type=int, default=None, help="level-0 height in px (default: make_cohort's)")
+    s.add_argument("--slide-mpp", type=_positive_float, default=None, help="level-0 µm/px (default: make_cohort's, ≈ 40×)")
+    s.add_argument("--tile-size", type=int, default=None, help="JPEG tile side in px (default: make_cohort's)")
     s.add_argument("--positive-fraction", type=float, default=0.5)
     s.add_argument("--workers", type=int, default=1)
     s.set_defaults(func=_cmd_synth)

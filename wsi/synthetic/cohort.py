@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .writer import write_slide
+from .writer import DEFAULT_HEIGHT, DEFAULT_MPP, DEFAULT_TILE_SIZE, DEFAULT_WIDTH, write_slide
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ def make_cohort(
     *,
     n_slides: int = 8,
     seed: int = 0,
-    width: int = 16384,
-    height: int = 12288,
-    mpp: float = 0.25,
-    tile_size: int = 256,
+    width: int = DEFAULT_WIDTH,
+    height: int = DEFAULT_HEIGHT,
+    mpp: float = DEFAULT_MPP,
+    tile_size: int = DEFAULT_TILE_SIZE,
     positive_fraction: float = 0.5,
     workers: int = 1,
     progress: bool = True,

@@ -19,6 +19,11 @@ from .textures import _ALL_TEXTURES
 
 logger = logging.getLogger(__name__)
 
+# Defaults for a synthetic slide, shared by write_slide and make_cohort (and so by `wsi synth`).
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 16384, 12288
+DEFAULT_MPP = 0.25          # µm/px at level 0, ≈ 40×
+DEFAULT_TILE_SIZE = 256
+
 _THUMBNAIL_PX = 1024
 _BIGTIFF_ABOVE = 3.5e9  # bytes; classic TIFF offsets overflow at 4 GiB
 _APERIO_HEADER = "Aperio Image Library v12.0.0 \n"
@@ -39,10 +44,10 @@ def _estimate_bytes(layout: _Layout, levels, tile: int, tile_bytes: int, white_b
 def write_slide(
     path: str | Path,
     *,
-    width: int = 16384,
-    height: int = 12288,
-    mpp: float = 0.25,
-    tile_size: int = 256,
+    width: int = DEFAULT_WIDTH,
+    height: int = DEFAULT_HEIGHT,
+    mpp: float = DEFAULT_MPP,
+    tile_size: int = DEFAULT_TILE_SIZE,
     n_tumor: int = 0,
     seed: int = 0,
     quality: int = 80,
