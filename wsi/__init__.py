@@ -6,6 +6,7 @@
 - `TileStore` (store.py): the Zarr v3 store shared by every pathmil package.
 - `tile_cohort` (pipeline.py): the `wsi tile` command as a function.
 - `make_cohort` (synthetic/): synthetic slides with tumor annotations.
+- `label_store`, `tile_fractions` (annotations.py): QuPath GeoJSON / ASAP XML regions into per-tile labels.
 - `tiling_overview` (viz.py): a picture of what was tiled.
 
 Submodules import their heavy dependencies lazily; import what you use from them directly.

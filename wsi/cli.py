@@ -1,4 +1,4 @@
-"""`wsi`: tile slides into a store, inspect it, make synthetic cohorts.
+"""`wsi`: tile slides into a store, inspect it, label its tiles, make synthetic cohorts.
 
 Every command is a thin layer over the Python API (`wsi.pipeline`, `wsi.store`, `wsi.synthetic`).
 Imports are deferred to the command that needs them, so `wsi info` and `wsi tile --no-tiles`
@@ -66,7 +66,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
         return 2
     slides = store.info()
     if a.json:
-        keep = ("id", "status", "n_tiles", "mpp", "patch_size", "slide_mpp", "source", "features")
+        keep = ("id", "status", "n_tiles", "mpp", "patch_size", "slide_mpp", "source", "features", "labels")
         print(json.dumps({"store": str(a.store), "slides": [{k: s[k] for k in keep} | ({"error": s["error"]} if s["error"] else {})
                                                           for s in slides]}, indent=1))
         return 0
@@ -150,6 +150,21 @@ def _cmd_export_h5(a: argparse.Namespace) -> int:
     print(f"{ok} slides exported to {a.out / 'h5_files'} and {a.out / 'pt_files'}, "
           f"{len(results) - ok} failed")
     return 1 if ok < len(results) else 0
+
+
+def _cmd_labels(a: argparse.Namespace) -> int:
+    from .annotations import AnnotationError, label_store, results_json, results_table
+    from .store import StoreError
+
+    classes = [c.strip() for c in a.classes.split(",") if c.strip()] if a.classes else None
+    try:
+        results = label_store(a.store, a.annotations, name=a.name, classes=classes, missing=a.missing,
+                              progress=not a.quiet and not a.no_progress)
+    except (AnnotationError, StoreError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    print(json.dumps(results_json(results), indent=1) if a.json else results_table(results))
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 def _cmd_encoders(a: argparse.Namespace) -> int:
@@ -241,6 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--encoder", required=True)
     ex.add_argument("--out", type=Path, required=True)
     ex.set_defaults(func=_cmd_export_h5)
+
+    lb = sub.add_parser("labels", help="per-tile labels from QuPath GeoJSON or ASAP XML annotations",
+                        description="Write slides/<id>/labels/<name>: the fraction of each tile inside the "
+                                    "annotated regions (positive if > 0.5). Files match slides by name "
+                                    "(<slide_id>.geojson / .xml); slides without one are all negative.")
+    lb.add_argument("store")
+    lb.add_argument("--annotations", nargs="+", required=True, type=Path,
+                    help="annotation files or folders of them (.geojson, .json, .xml)")
+    lb.add_argument("--name", default="tumor", help="the label's name in the store (default tumor)")
+    lb.add_argument("--classes", default=None,
+                    help="comma-separated classes to use (default: all but exclusions, Ignore* and Region*)")
+    lb.add_argument("--missing", choices=["negative", "skip"], default="negative",
+                    help="slides without an annotation file: all negative (default) or left unlabelled")
+    lb.add_argument("--json", action="store_true")
+    lb.add_argument("--no-progress", action="store_true")
+    lb.set_defaults(func=_cmd_labels)
 
     s = sub.add_parser("synth", help="write a synthetic cohort with tumor annotations",
                        description="Pyramidal Aperio-like TIFFs textured with real H&E, labels.csv and GeoJSON "

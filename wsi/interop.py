@@ -243,6 +243,40 @@ def _read_features(path: Path) -> np.ndarray:
     return feats if feats.dtype == np.float64 else feats.astype(np.float32, copy=False)
 
 
+def h5_feature_files(root: str | Path, encoder: str) -> dict[str, Path]:
+    """The feature h5 file of each slide in a CLAM or TRIDENT folder, by slide id (the file's stem).
+    Files TRIDENT is still writing (a `.lock` beside them) are left out with a warning."""
+    _, h5_dir, _, _ = _resolve(Path(root), encoder)
+    files: dict[str, Path] = {}
+    locked = []
+    for p in sorted(h5_dir.iterdir()):
+        if p.suffix != ".h5" or not p.is_file():
+            continue
+        if Path(f"{p}.lock").exists():
+            locked.append(p.name)
+            continue
+        files[p.stem] = p
+    if locked:
+        log.warning("%s: %d files still being written (.lock beside them) left out: %s", h5_dir, len(locked),
+                    ", ".join(locked[:10]) + (" ..." if len(locked) > 10 else ""))
+    return files
+
+
+def read_h5_bag(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32 (float64 kept), coords (N, 2) int64 level-0 x, y) of one CLAM / TRIDENT
+    feature file; a damaged or malformed file raises ValueError naming it and why."""
+    path = Path(path)
+    try:
+        head = _read_head(path)
+        feats = _read_features(path)
+    except ImportFileError as e:
+        raise ValueError(f"{path}: {e}; re-extract its features or remove the file") from None
+    if feats.shape != (head.n, head.dim):
+        raise ValueError(f"{path}: 'features' read as {feats.shape}, expected {(head.n, head.dim)}; "
+                         "re-extract its features or remove the file")
+    return feats, head.coords
+
+
 def _clam_patch_attrs(patches_dir: Path | None, slide_id: str) -> dict[str, Any]:
     """coords attrs of CLAM's create_patches_fp.py output for the slide, {} if absent or unreadable."""
     if patches_dir is None:

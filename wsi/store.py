@@ -148,6 +148,8 @@ class TileStore:
                 "n_tiles": int(g["coords"].shape[0]) if "coords" in g else 0,
                 "mpp": a.get("mpp"), "patch_size": a.get("patch_size"), "slide_mpp": a.get("slide_mpp"),
                 "source": a.get("source"), "features": feats, "tiles": "tiles" in g,
+                "labels": sorted(k for k, _ in g["labels"].arrays()) if "labels" in g else [],
+                "predictions": sorted(k for k, _ in g["predictions"].groups()) if "predictions" in g else [],
                 "error": a.get("error")}
 
     def info(self) -> list[dict[str, Any]]:
@@ -221,6 +223,72 @@ class TileStore:
             raise StoreError(f"{self.path}: slide {slide_id!r} has no complete features for {encoder!r}; "
                              f"run `wsi embed {self.path} --encoder {encoder}`")
         return self.slide(slide_id)["features"][feature_key(encoder)][:]
+
+    # -- labels ------------------------------------------------------------------------------
+    def write_labels(self, slide_id: str, name: str, values: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Write `labels/<name>`: float32 (N,) per tile, one value per row of coords (replaced if present)."""
+        try:
+            validate_slide_id(name)
+        except ValueError:
+            raise ValueError(f"invalid label name {name!r}: use letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit") from None
+        g = self.slide(slide_id)
+        values = np.asarray(values, np.float32)
+        n = g["coords"].shape[0] if "coords" in g else None
+        if values.ndim != 1 or values.shape[0] != n:
+            raise ValueError(f"{slide_id}: labels of shape {values.shape} do not match {n} tiles")
+        labels = g["labels"] if "labels" in g else g.create_group("labels")
+        if name in labels:
+            del labels[name]
+        labels.create_array(name, data=values, chunks=(max(1, min(len(values), 65536)),), attributes=attrs)
+
+    def labels(self, slide_id: str, name: str) -> np.ndarray | None:
+        """`labels/<name>` of a slide, or None when it has none of that name."""
+        validate_slide_id(name)
+        g = self.slide(slide_id)
+        if "labels" not in g or name not in g["labels"]:
+            return None
+        return g["labels"][name][:]
+
+    def label_names(self, slide_id: str) -> list[str]:
+        g = self.slide(slide_id)
+        return sorted(k for k, _ in g["labels"].arrays()) if "labels" in g else []
+
+    # -- predictions -------------------------------------------------------------------------
+    def write_predictions(self, slide_id: str, name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+        """Write `predictions/<name>`: per-tile arrays (N,) and the run's attrs; `complete` is set last,
+        so an interrupted write never looks finished."""
+        try:
+            validate_slide_id(name)
+        except ValueError:
+            raise ValueError(f"invalid prediction name {name!r}: use letters, digits, '.', '_' or '-'") from None
+        g = self.slide(slide_id)
+        n = g["coords"].shape[0]
+        preds = g["predictions"] if "predictions" in g else g.create_group("predictions")
+        if name in preds:
+            del preds[name]
+        grp = preds.create_group(name, attributes={**attrs, "complete": False})
+        for key, values in arrays.items():
+            values = np.asarray(values, np.float32)
+            if values.shape[:1] != (n,):
+                raise ValueError(f"{slide_id}: prediction {key!r} of shape {values.shape} does not match {n} tiles")
+            grp.create_array(key, data=values, chunks=(max(1, min(n, 65536)),) + values.shape[1:])
+        grp.attrs["complete"] = True
+
+    def predictions(self, slide_id: str, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(per-tile arrays, attrs) of `predictions/<name>`; StoreError when absent or unfinished."""
+        g = self.slide(slide_id)
+        if "predictions" not in g or name not in g["predictions"] or \
+                not g["predictions"][name].attrs.get("complete"):
+            raise StoreError(f"{self.path}: slide {slide_id!r} has no predictions {name!r}; "
+                             f"run `mil predict --store {self.path} --run RUN_DIR` (have: "
+                             f"{', '.join(self.prediction_names(slide_id)) or 'none'})")
+        grp = g["predictions"][name]
+        return {k: a[:] for k, a in grp.arrays()}, dict(grp.attrs)
+
+    def prediction_names(self, slide_id: str) -> list[str]:
+        g = self.slide(slide_id)
+        return sorted(k for k, _ in g["predictions"].groups()) if "predictions" in g else []
 
     def tiles_array_path(self, slide_id: str) -> str:
         return f"{self.path}/slides/{validate_slide_id(slide_id)}/tiles"

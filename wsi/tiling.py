@@ -51,21 +51,25 @@ def tile_geometry(slide: Slide, target_mpp: float = 0.5, patch_size: int = 256, 
 
 
 def tissue_fractions(tissue: TissueMask, coords: np.ndarray, size_level0: float) -> np.ndarray:
-    """Fraction of each tile (level-0 top-left `coords`, side `size_level0`) covered by tissue.
-
-    One summed-area table over the mask answers every tile at once: no Python loop per tile.
-    """
+    """Fraction of each tile (level-0 top-left `coords`, side `size_level0`) covered by tissue."""
     m = tissue.mask
-    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
-    sat[1:, 1:] = m.astype(np.int64).cumsum(0).cumsum(1)
     dx, dy = tissue.downsample
     x0 = np.clip(np.round(coords[:, 0] / dx).astype(np.int64), 0, m.shape[1] - 1)
     y0 = np.clip(np.round(coords[:, 1] / dy).astype(np.int64), 0, m.shape[0] - 1)
     # A tile narrower than a mask pixel still covers one.
     x1 = np.clip(np.maximum(np.round((coords[:, 0] + size_level0) / dx).astype(np.int64), x0 + 1), 1, m.shape[1])
     y1 = np.clip(np.maximum(np.round((coords[:, 1] + size_level0) / dy).astype(np.int64), y0 + 1), 1, m.shape[0])
-    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-    return (inside / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+    return (box_sums(m, x0, y0, x1, y1) / ((x1 - x0) * (y1 - y0))).astype(np.float32)
+
+
+def box_sums(mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """Sum of `mask` over each box [y0, y1) x [x0, x1) (indices within the mask), int64.
+
+    One summed-area table answers every box at once: no Python loop per tile.
+    """
+    sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    np.cumsum(np.cumsum(mask, 0, dtype=np.int64, out=sat[1:, 1:]), 1, out=sat[1:, 1:])
+    return sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
 
 
 def grid_coords(slide: Slide, geom: TileGeometry) -> np.ndarray:

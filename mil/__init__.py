@@ -1,0 +1,1 @@
+"""pathmil.mil: dual-level multiple-instance learning over the tile store."""

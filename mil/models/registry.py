@@ -1,0 +1,76 @@
+"""One registry for MIL models: `@register_model(...)` on a bag-branch builder, `create_model(name, ...)`.
+
+Each model lives in its own file (abmil.py, clam.py, ...) with its metadata on the decorator, the same
+pattern as `wsi.encoders.registry`. `create_model` pairs the bag branch with an `InstanceStudent`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class MILSpec:
+    """What a user needs to know about a MIL model, and how to build its bag branch."""
+
+    name: str
+    paper: str = ""                # citation
+    url: str = ""                  # reference implementation
+    license: str = "unknown"       # of the reference code
+    description: str = ""
+    defaults: dict = field(default_factory=dict)   # bag-branch hyper-parameters create_model accepts
+    builder: Callable | None = field(default=None, compare=False, repr=False)
+
+    def row(self) -> dict:
+        return {"name": self.name, "paper": self.paper, "license": self.license,
+                "defaults": ", ".join(f"{k}={v}" for k, v in self.defaults.items())}
+
+
+REGISTRY: dict[str, MILSpec] = {}
+
+
+def register_model(name: str, **meta) -> Callable:
+    """Decorator: register `builder(in_dim, n_classes, *, dropout, **defaults) -> bag branch nn.Module`.
+
+    The bag branch maps (x (B,N,D), mask (B,N) bool) to (bag_logits (B,C), attention (B,N), extras dict)
+    and may define `extra_loss(extras, y) -> Tensor`.
+    """
+    def wrap(builder: Callable) -> Callable:
+        if name in REGISTRY:
+            raise ValueError(f"MIL model {name!r} registered twice")
+        REGISTRY[name] = MILSpec(name=name, builder=builder, **meta)
+        return builder
+    return wrap
+
+
+def _load_models() -> None:
+    # Importing a model module runs its decorator; the list of model files lives only here.
+    from . import abmil, clam, dsmil, transmil  # noqa: F401
+
+
+def list_models() -> list[MILSpec]:
+    _load_models()
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
+
+
+def get_spec(name: str) -> MILSpec:
+    """The spec of a registered model; an unknown name raises ValueError listing the choices."""
+    _load_models()
+    if name not in REGISTRY:
+        raise ValueError(f"unknown MIL model {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def create_model(name: str, in_dim: int, n_classes: int, *, student_hidden: int = 256,
+                 dropout: float = 0.25, **kwargs):
+    """Build model `name` as a DualMIL (bag branch + instance student) for `in_dim` features and
+    `n_classes` classes. `kwargs` override the spec's defaults; `dropout` is used by both branches."""
+    from .base import DualMIL, InstanceStudent
+
+    spec = get_spec(name)
+    unknown = sorted(set(kwargs) - set(spec.defaults))
+    if unknown:
+        raise ValueError(f"MIL model {name!r} has no option(s) {', '.join(unknown)}; "
+                         f"it takes: {', '.join(sorted(spec.defaults)) or 'none'} (plus student_hidden, dropout)")
+    bag = spec.builder(in_dim, n_classes, dropout=dropout, **{**spec.defaults, **kwargs})
+    return DualMIL(bag, InstanceStudent(in_dim, n_classes, student_hidden, dropout), name=name)
