@@ -6,70 +6,111 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+REQUIRED = ("model", "in_dim", "n_classes")
+_FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 
 class RunError(ValueError):
     """A run folder that is missing, incomplete or of another kind; the message says what to do."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    # A reader (or a resumed run) sees the old file or the new one, never half of one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_config(run_dir: str | Path, config: dict[str, Any]) -> Path:
-    """Write RUN_DIR/config.json atomically."""
+    """Write RUN_DIR/config.json (indent 2) atomically; returns its path."""
     path = Path(run_dir) / CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(config, indent=2)))
+    _atomic_write(path, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
 
 def save_fold_model(run_dir: str | Path, fold: int, model) -> Path:
-    """Write one fold's weights as RUN_DIR/fold_<k>/model.safetensors (atomically)."""
+    """Write one fold's weights as RUN_DIR/fold_<k>/model.safetensors (atomically); returns its path."""
     from safetensors.torch import save_file
 
-    path = Path(run_dir) / f"fold_{fold}" / WEIGHTS
+    path = Path(run_dir) / f"fold_{int(fold)}" / WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # safetensors refuses non-contiguous and shared-memory tensors: save independent CPU copies.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda p: save_file(state, str(p), metadata={"model": getattr(model, "name", "")}))
     return path
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """RUN_DIR/config.json, checked for the keys needed to rebuild the models."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
-        raise RunError(f"{run_dir}: not a mil run (no {CONFIG}); train one with `mil train ... --out {run_dir}`")
-    return json.loads(path.read_text())
+        why = "no such folder" if not Path(run_dir).exists() else f"no {CONFIG}"
+        raise RunError(f"{run_dir}: not a mil run ({why}); train one with `mil train ... --out {run_dir}`")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: not valid JSON ({e}); re-run `mil train` to write it again") from None
+    missing = [k for k in REQUIRED if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise RunError(f"{path}: lacks {', '.join(missing)}; it was not written by `mil train`")
+    return config
 
 
-def load_run(run_dir: str | Path, *, device: str = "cpu", folds: list[int] | None = None):
-    """(config, [one DualMIL per fold, in eval mode]). A run trained with --w2s keeps filtering the
-    instances its student rejects out of the bag branch, as in training."""
+def run_folds(run_dir: str | Path) -> list[int]:
+    """The folds of a run that have weights, in order."""
+    return sorted(int(m.group(1)) for p in Path(run_dir).glob(f"fold_*/{WEIGHTS}")
+                  if (m := _FOLD_RE.match(p.parent.name)))
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu", folds: list[int] | None = None) -> tuple[dict[str, Any], list]:
+    """(config, [one DualMIL per fold, in eval mode on `device`]); `folds` None = every fold with weights.
+
+    A run trained with --w2s keeps filtering the instances its student rejects out of the bag
+    branch, as it did in training."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .models import create_model
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    available = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob(f"fold_*/{WEIGHTS}"))
-    wanted = folds if folds is not None else available
+    available = run_folds(run_dir)
+    wanted = list(folds) if folds is not None else available
     missing = [k for k in wanted if k not in available]
     if not wanted or missing:
-        raise RunError(f"{run_dir}: no weights for fold(s) {missing or 'any'}; the run is incomplete: "
-                       f"re-run the same `mil train` command to finish it")
+        which = ", ".join(str(run_dir / f"fold_{k}" / WEIGHTS) for k in missing) if missing else f"fold_*/{WEIGHTS}"
+        raise RunError(f"{run_dir}: no weights at {which} (have folds {available or 'none'}); the run is "
+                       "incomplete: re-run the same `mil train` command to finish it")
     models = []
     for k in wanted:
-        model = create_model(config["model"], config["in_dim"], config["n_classes"], **config.get("model_kwargs", {}))
-        model.load_state_dict(load_file(str(run_dir / f"fold_{k}" / WEIGHTS), device="cpu"), strict=True)
+        try:
+            model = create_model(config["model"], int(config["in_dim"]), int(config["n_classes"]),
+                                 **config.get("model_kwargs", {}))
+        except ValueError as e:  # unknown model or option: a run from another pathmil version
+            raise RunError(f"{run_dir / CONFIG}: {e}; is this run from another pathmil version?") from None
+        path = run_dir / f"fold_{k}" / WEIGHTS
+        try:
+            state = load_file(str(path), device="cpu")
+            model.load_state_dict(state, strict=True)
+        except (SafetensorError, OSError) as e:
+            raise RunError(f"{path}: unreadable weights ({e}); re-train this fold (delete fold_{k}/ and "
+                           "re-run `mil train`)") from None
+        except RuntimeError as e:  # strict load: names or shapes differ from what config.json describes
+            first = str(e).strip().splitlines()[:3]
+            raise RunError(f"{path}: weights do not fit the model described in {CONFIG} "
+                           f"({' '.join(first)[:300]})") from None
         if config.get("w2s"):
-            w = config.get("w2s_params", {})
+            w = config.get("w2s_params") or {}
             model.reject_below, model.min_keep = w.get("reject_below", 0.1), w.get("min_keep", 8)
         models.append(model.to(device).eval())
     return config, models

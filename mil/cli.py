@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.15)
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--patience", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=16, help="bags per step (padded, bucketed by size)")
+    t.add_argument("--batch-size", type=int, default=4, help="bags per step (padded, bucketed by size)")
     t.add_argument("--max-instances", type=int, default=None, help="subsample bags larger than this while training")
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--weight-decay", type=float, default=1e-4)

@@ -1,4 +1,11 @@
-"""`mil heatmap`: a slide's predictions over its thumbnail (PNG) and as QuPath-readable GeoJSON."""
+"""`mil heatmap`: a slide's predictions over its thumbnail (PNG) and as QuPath-readable GeoJSON.
+
+For predictions/<run> of a slide it writes, into the output folder:
+    <slide>_<run>_instance.png   instance score (0..1, turbo) over the thumbnail, with a colour bar
+    <slide>_<run>_attention.png  attention relative to uniform, capped at its 99th percentile
+    <slide>_<run>.geojson        one Polygon per tile (level-0 px) with both values as measurements
+When the slide file has moved, the pictures are drawn on a white canvas of the slide's shape.
+"""
 from __future__ import annotations
 
 import json
@@ -9,38 +16,64 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+ALPHA = 0.5             # overlay opacity: the tissue stays readable under the colours
+ATTENTION_PCT = 99      # attention colour scale tops out here, so one hot tile does not wash out the rest
 
-def _background(attrs: dict, slide_id: str, max_side: int) -> tuple[np.ndarray, float]:
-    """The slide thumbnail (RGB) and its level-0 px per thumbnail px; white when the slide is gone."""
+
+def _canvas_size(attrs: dict, coords: np.ndarray, size0: float) -> tuple[int, int]:
+    """The slide's level-0 (width, height) as the store recorded it, else the tiles' extent."""
+    if attrs.get("level0_size"):
+        w, h = attrs["level0_size"]
+    elif attrs.get("width") and attrs.get("height"):
+        w, h = attrs["width"], attrs["height"]
+    elif len(coords):
+        w, h = (coords.max(0) + size0).tolist()
+    else:
+        w = h = size0
+    return max(1, int(w)), max(1, int(h))
+
+
+def slide_background(attrs: dict, slide_id: str, coords: np.ndarray, size0: float,
+                     max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The slide thumbnail (RGB uint8) and its level-0 px per thumbnail px (x, y); a white canvas of the
+    slide's shape (and a warning) when the source file cannot be opened."""
     from wsi.slide import SlideError, open_slide
     from wsi.viz import overview_image
 
     src = attrs.get("source")
-    try:
-        given = attrs.get("slide_mpp") if attrs.get("slide_mpp_source") == "given" else None
-        with open_slide(src, given) as slide:
-            img, ds = overview_image(slide, max_side)
-            return np.ascontiguousarray(img), float(ds[0])
-    except (SlideError, OSError, TypeError) as e:
-        w, h = attrs.get("level0_size") or [attrs.get("width", 1), attrs.get("height", 1)]
-        ds = max(w, h) / max_side
-        log.warning("%s: slide file %s cannot be opened (%s); drawing on a blank canvas", slide_id, src, e)
-        return np.full((max(1, int(h / ds)), max(1, int(w / ds)), 3), 255, np.uint8), ds
+    if src:
+        try:
+            # The stored slide mpp is what tiling used (metadata or --slide-mpp): needed for images without one.
+            with open_slide(src, attrs.get("slide_mpp")) as slide:
+                img, ds = overview_image(slide, max_side)
+                return np.ascontiguousarray(img[..., :3], dtype=np.uint8), (float(ds[0]), float(ds[1]))
+        except (SlideError, OSError) as e:
+            why = str(e)
+    else:
+        why = "the store records no source path"
+    w, h = _canvas_size(attrs, coords, size0)
+    ds = max(w, h) / max_side
+    log.warning("%s: source slide %s is missing or unreadable (%s); drawing the heatmap on a blank canvas",
+                slide_id, src, why)
+    img = np.full((max(1, round(h / ds)), max(1, round(w / ds)), 3), 255, np.uint8)
+    return img, (w / img.shape[1], h / img.shape[0])
 
 
-def _paint(base: np.ndarray, coords: np.ndarray, size0: float, ds: float, values: np.ndarray,
-           vmax: float, cmap: str) -> np.ndarray:
-    """RGBA overlay: each tile's rectangle in the colour of its value (alpha 0 between tiles)."""
+def paint_tiles(shape: tuple[int, int], coords: np.ndarray, size0: float, ds: tuple[float, float],
+                values: np.ndarray, vmax: float, cmap: str, alpha: float = ALPHA) -> np.ndarray:
+    """RGBA float overlay of `shape` (h, w): each tile's rectangle in the colour of value/vmax; alpha 0
+    between tiles. Higher values are drawn last, so they stay visible where tiles overlap."""
     import matplotlib
 
-    colours = matplotlib.colormaps[cmap](np.clip(values / vmax, 0, 1))
-    over = np.zeros(base.shape[:2] + (4,), np.float32)
-    x0 = np.floor(coords[:, 0] / ds).astype(int)
-    y0 = np.floor(coords[:, 1] / ds).astype(int)
-    side = max(1, int(round(size0 / ds)))
-    for i in np.argsort(values):            # the highest values are drawn last, on top
-        over[y0[i]:y0[i] + side, x0[i]:x0[i] + side] = colours[i]
-    over[..., 3] *= 0.55
+    colours = matplotlib.colormaps[cmap](np.clip(np.asarray(values, np.float64) / vmax, 0, 1))
+    colours[:, 3] = alpha
+    over = np.zeros(tuple(shape) + (4,), np.float32)
+    x0 = np.floor(coords[:, 0] / ds[0]).astype(int)
+    y0 = np.floor(coords[:, 1] / ds[1]).astype(int)
+    x1 = np.maximum(np.ceil((coords[:, 0] + size0) / ds[0]).astype(int), x0 + 1)
+    y1 = np.maximum(np.ceil((coords[:, 1] + size0) / ds[1]).astype(int), y0 + 1)
+    for i in np.argsort(values, kind="stable"):
+        over[max(y0[i], 0):y1[i], max(x0[i], 0):x1[i]] = colours[i]
     return over
 
 
@@ -53,34 +86,38 @@ def _figure(base: np.ndarray, over: np.ndarray, vmax: float, cmap: str, label: s
     from matplotlib.colors import Normalize
 
     h, w = base.shape[:2]
-    dpi = 100
-    fig = plt.figure(figsize=(w / dpi + 1.4, h / dpi + 0.6), dpi=dpi)
-    ax = fig.add_axes([0, 0, w / (w + 140), h / (h + 60)])
-    ax.imshow(base)
-    ax.imshow(over)
+    dpi, right, top = 100, 140, 60          # px of room for the colour bar and the title
+    fig = plt.figure(figsize=((w + right) / dpi, (h + top) / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, w / (w + right), h / (h + top)))
+    ax.imshow(base, interpolation="nearest")
+    ax.imshow(over, interpolation="nearest")
     ax.set_axis_off()
-    cax = fig.add_axes([w / (w + 140) + 0.01, 0.1, 0.02, 0.7])
+    cax = fig.add_axes((w / (w + right) + 10 / (w + right), 0.1, 15 / (w + right), 0.7))
     fig.colorbar(ScalarMappable(Normalize(0, vmax), cmap), cax=cax, label=label)
-    fig.suptitle(title, fontsize=10, y=0.995)
+    fig.suptitle(title, fontsize=9, y=1 - 8 / (h + top), va="top")
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
 
 def tiles_geojson(coords: np.ndarray, size0: float, measurements: dict[str, np.ndarray]) -> dict:
-    """Tiles as QuPath 'tile' objects (level-0 polygons) with their measurements."""
+    """Tiles as QuPath 'tile' objects: closed level-0 square rings (int px) with their measurements
+    (4 decimals)."""
     s = int(round(size0))
+    cols = {k: np.asarray(v, np.float64).round(4).tolist() for k, v in measurements.items()}
     feats = []
-    for i, (x, y) in enumerate(coords.tolist()):
+    for i, (x, y) in enumerate(np.asarray(coords).astype(np.int64).tolist()):
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
         feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
                       "properties": {"objectType": "tile", "name": f"tile {i}",
-                                     "measurements": {k: round(float(v[i]), 4) for k, v in measurements.items()}}})
+                                     "measurements": {k: v[i] for k, v in cols.items()}}})
     return {"type": "FeatureCollection", "features": feats}
 
 
 def write_heatmap(store, slide_id: str, out_dir: str | Path, *, run: str, max_side: int = 2000) -> list[Path]:
-    """Write <slide>_<run>_instance.png, <slide>_<run>_attention.png and <slide>_<run>.geojson into out_dir."""
+    """Write <slide>_<run>_instance.png, <slide>_<run>_attention.png and <slide>_<run>.geojson into
+    out_dir from the store's predictions/<run> of the slide; returns the three paths."""
     from wsi.annotations import tile_size_level0
     from wsi.store import TileStore
 
@@ -91,22 +128,25 @@ def write_heatmap(store, slide_id: str, out_dir: str | Path, *, run: str, max_si
     size0 = tile_size_level0(attrs, slide_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base, ds = _background(attrs, slide_id, max_side)
-    probs = pattrs.get("bag_probs") or []
+    base, ds = slide_background(attrs, slide_id, coords, size0, max_side)
+
+    classes = list(pattrs.get("class_names") or [])
+    probs = list(pattrs.get("bag_probs") or [])
     pos = pattrs.get("positive_class") or pattrs.get("predicted_class")
-    classes = pattrs.get("class_names") or []
-    p_pos = probs[classes.index(pos)] if pos in classes and probs else float("nan")
-    head = f"{slide_id} · {run} ({pattrs.get('model')}{' + w2s' if pattrs.get('w2s') else ''}) · " \
-           f"p({pos}) = {p_pos:.3f} · predicted {pattrs.get('predicted_class')}"
-    paths = []
+    p_pos = f"{probs[classes.index(pos)]:.3f}" if pos in classes and len(probs) == len(classes) else "?"
+    title = (f"{slide_id} | {run} ({pattrs.get('model')}{' + w2s' if pattrs.get('w2s') else ''}) | "
+             f"p({pos}) = {p_pos} | predicted: {pattrs.get('predicted_class')}")
     score, att = arrays["instance_score"], arrays["attention"]
-    vmax_att = float(np.percentile(att, 99)) if len(att) else 1.0
+    att_max = float(np.percentile(att, ATTENTION_PCT)) if len(att) else 1.0
+    att_max = att_max if att_max > 1e-6 else max(float(att.max(initial=0)), 1.0)
+    paths = []
     for key, values, vmax, cmap, label in (
-            ("instance", score, 1.0, "turbo", f"instance score: p({pos})"),
-            ("attention", att, max(vmax_att, 1e-6), "inferno", "attention (1 = uniform; capped at the 99th pct)")):
-        over = _paint(base, coords, size0, ds, values, vmax, cmap)
-        paths.append(_figure(base, over, vmax, cmap, label, head, out / f"{slide_id}_{run}_{key}.png"))
+            ("instance", score, 1.0, "turbo", f"instance score p({pos})"),
+            ("attention", att, att_max, "turbo", f"attention (1 = uniform; capped at p{ATTENTION_PCT})")):
+        over = paint_tiles(base.shape[:2], coords, size0, ds, values, vmax, cmap)
+        paths.append(_figure(base, over, vmax, cmap, label, title, out / f"{slide_id}_{run}_{key}.png"))
     gj = out / f"{slide_id}_{run}.geojson"
-    gj.write_text(json.dumps(tiles_geojson(coords, size0, {"instance_score": score, "attention": att})))
+    gj.write_text(json.dumps(tiles_geojson(coords, size0, {"instance_score": score, "attention": att}),
+                             separators=(",", ":")))
     paths.append(gj)
     return paths

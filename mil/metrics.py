@@ -1,6 +1,7 @@
 """Bag- and instance-level metrics, their mean ± std over folds, and the ROC / training-curve figures."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,15 @@ def bag_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     y = np.asarray(y)
     pred = probs.argmax(1)
     binary = probs.shape[1] == 2
-    try:
+    if len(np.unique(y)) < 2:      # a validation part with one class: AUC undefined, say so without warnings
+        auc = float("nan")
+    else:
         auc = roc_auc_score(y, probs[:, 1]) if binary else roc_auc_score(y, probs, multi_class="ovr",
                                                                          labels=list(range(probs.shape[1])))
-    except ValueError:
-        auc = float("nan")
-    return {"auc": float(auc), "accuracy": float(accuracy_score(y, pred)),
-            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # sklearn's one-class notes; the values are still defined
+        bal = balanced_accuracy_score(y, pred)
+    return {"auc": float(auc), "accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": float(bal),
             "f1": float(f1_score(y, pred, average="binary" if binary else "macro", zero_division=0))}
 
 

@@ -1,11 +1,17 @@
 """`mil predict`: a trained run's tile scores and attention, written back into the tile store.
 
 For every slide with complete features of the run's encoder, each fold's model scores the whole
-bag (bounded memory: per-instance layers run in chunks) and the folds are averaged:
-`slides/<id>/predictions/<name>/instance_score` (the student's positive-class probability, or for
-multi-class runs the probability of the predicted bag class) and `attention` (relative to uniform:
-1 = the attention every tile would get if it were spread evenly), with the bag probabilities in
-the attrs. One slide that fails is reported and skipped.
+bag (bounded memory: per-instance layers run in chunks) and the folds are averaged into
+`slides/<id>/predictions/<name>/`:
+
+    instance_score  (N,) float32  the student's positive-class probability (multi-class runs: the
+                                  probability of the class predicted for the bag)
+    attention       (N,) float32  attention * N: 1 = what every tile would get if attention were
+                                  spread evenly (so the mean over the slide is 1; tiles a --w2s run
+                                  leaves out of the bag branch get 0)
+
+with the bag probabilities, predicted class and the run's identity in the group's attrs. A slide
+without features is skipped and one that fails is reported; neither stops the others.
 """
 from __future__ import annotations
 
@@ -19,32 +25,54 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def predict_bag(models: list, feats, positive: int | None) -> dict[str, Any]:
-    """Fold-averaged bag probabilities (C,), instance scores (N,) and relative attention (N,)."""
+def positive_index(config: dict[str, Any]) -> int | None:
+    """Index of the positive class in a binary run (1 unless config names another); None if multi-class."""
+    classes = config.get("class_names") or []
+    if int(config.get("n_classes", len(classes))) != 2:
+        return None
+    pos = config.get("positive_class")
+    return classes.index(pos) if pos in classes else 1
+
+
+def predict_bag(models: list, feats, positive: int | None) -> dict[str, np.ndarray]:
+    """Fold-averaged bag probabilities (C,), instance scores (N,) and relative attention (N,) of one
+    bag `feats` (N, D) tensor."""
     import torch
 
     bag, inst, att = [], [], []
+    n = feats.shape[0]
     for model in models:
         out = model.predict_bag(feats)
-        p = out.bag_logits.softmax(-1)[0]
-        bag.append(p)
-        probs = out.instance_logits[0].softmax(-1)
-        inst.append(probs[:, positive] if positive is not None else probs[:, int(p.argmax())])
-        n_att = out.extras["attended"][0].sum()
-        att.append(out.attention[0] * n_att)
-    mean = lambda xs: torch.stack(xs).mean(0).float().cpu().numpy()  # noqa: E731
-    return {"bag_probs": mean(bag), "instance_score": mean(inst), "attention": mean(att)}
+        bag.append(out.bag_logits[0].float().softmax(-1))
+        inst.append(out.instance_logits[0].float().softmax(-1))   # (N, C)
+        att.append(out.attention[0].float() * n)
+    bag_probs = torch.stack(bag).mean(0)
+    # Multi-class: every fold scores the same class, the one the averaged bag probabilities predict.
+    col = positive if positive is not None else int(bag_probs.argmax())
+    score = torch.stack([p[:, col] for p in inst]).mean(0)
+    as_np = lambda t: t.cpu().numpy().astype(np.float32)  # noqa: E731
+    return {"bag_probs": as_np(bag_probs), "instance_score": as_np(score),
+            "attention": as_np(torch.stack(att).mean(0))}
+
+
+def _open_store(store):
+    from wsi.store import TileStore
+
+    if isinstance(store, TileStore):
+        return store
+    TileStore(store, mode="r")  # a missing path: an error naming it, rather than a new empty store
+    return TileStore(store)
 
 
 def predict_store(store, run_dir: str | Path, *, slides: list[str] | None = None, name: str | None = None,
                   device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
-    """Score the store's slides with every fold of `run_dir`; write predictions/<name> (default: the run
-    folder's name). Returns one row per slide: slide_id, status, bag_prob_positive, predicted_class,
-    n_tiles, error."""
+    """Score the store's slides (default: every complete one) with every fold of `run_dir` and write
+    `predictions/<name>` (default name: the run folder's name). Returns one row per slide:
+    slide_id, status (predicted | skipped | failed), bag_prob_positive, predicted_class, n_tiles, error."""
     import torch
     from tqdm.auto import tqdm
 
-    from wsi.store import StoreError, TileStore, validate_slide_id
+    from wsi.store import COMPLETE, StoreError, validate_slide_id
 
     from .checkpoint import load_run
     from .train import resolve_device
@@ -55,31 +83,38 @@ def predict_store(store, run_dir: str | Path, *, slides: list[str] | None = None
         validate_slide_id(name)
     except ValueError:
         raise ValueError(f"prediction name {name!r} is not usable in the store; pass --name with letters, "
-                         "digits, '.', '_' or '-'") from None
+                         "digits, '.', '_' or '-' (starting with a letter or digit)") from None
     dev = resolve_device(device)
     config, models = load_run(run_dir, device=str(dev))
-    store = store if isinstance(store, TileStore) else TileStore(store)
-    encoder, classes = config["encoder"], config["class_names"]
-    positive = 1 if len(classes) == 2 else None
-    ids = slides or [s for s in store.slide_ids() if store.status(s) == "complete"]
+    store = _open_store(store)
+    encoder, classes = config["encoder"], list(config["class_names"])
+    positive = positive_index(config)
+    ids = list(slides) if slides else [s for s in store.slide_ids() if store.status(s) == COMPLETE]
     attrs = {"run_id": config.get("run_id"), "run_dir": str(run_dir.resolve()), "model": config["model"],
              "encoder": encoder, "class_names": classes, "positive_class": config.get("positive_class"),
-             "folds": len(models), "w2s": config.get("w2s", False)}
+             "folds": len(models), "w2s": bool(config.get("w2s", False))}
     rows = []
     for sid in tqdm(ids, desc=f"predict {name}", unit="slide", disable=not progress):
-        row: dict[str, Any] = {"slide_id": sid, "status": "predicted", "n_tiles": 0, "error": None,
-                               "bag_prob_positive": None, "predicted_class": None}
+        row: dict[str, Any] = {"slide_id": sid, "status": "predicted", "bag_prob_positive": None,
+                               "predicted_class": None, "n_tiles": 0, "error": None}
+        rows.append(row)
         try:
-            if not store.has_features(sid, encoder):
-                row.update(status="skipped", error=f"no complete features for {encoder!r}")
-                rows.append(row)
+            status = store.status(sid)
+            skip = ("not in the store" if status is None else
+                    f"slide status is {status!r}, not complete" if status != COMPLETE else
+                    None if store.has_features(sid, encoder) else
+                    f"no complete features for {encoder!r} (run `wsi embed {store.path} --encoder {encoder}`)")
+            if skip:
+                row.update(status="skipped", error=skip)
+                log.warning("%s: skipped, %s", sid, skip)
                 continue
             feats = store.features(sid, encoder)
-            if feats.shape[1] != config["in_dim"]:
-                raise ValueError(f"features of {encoder!r} are {feats.shape[1]}-d but the run was trained on "
-                                 f"{config['in_dim']}-d ones; embed with the run's encoder")
-            with torch.inference_mode():
-                res = predict_bag(models, torch.from_numpy(feats).to(dev), positive)
+            if feats.ndim != 2 or feats.shape[1] != config["in_dim"]:
+                raise ValueError(f"features {encoder!r} are {feats.shape[-1]}-d but run {run_dir} was trained on "
+                                 f"{config['in_dim']}-d ones: an encoder mismatch; embed with the run's encoder")
+            if len(feats) == 0:
+                raise ValueError("no tiles to score")
+            res = predict_bag(models, torch.from_numpy(np.asarray(feats, np.float32)).to(dev), positive)
             pred = classes[int(np.argmax(res["bag_probs"]))]
             store.write_predictions(sid, name, {"instance_score": res["instance_score"], "attention": res["attention"]},
                                     {**attrs, "bag_probs": [float(v) for v in res["bag_probs"]], "predicted_class": pred,
@@ -89,5 +124,4 @@ def predict_store(store, run_dir: str | Path, *, slides: list[str] | None = None
         except (StoreError, ValueError, OSError, RuntimeError) as e:
             row.update(status="failed", error=str(e))
             log.error("%s: %s", sid, e)
-        rows.append(row)
     return rows

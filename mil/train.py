@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ class TrainConfig:
     model: str = "abmil"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 40
-    batch_size: int = 16
+    batch_size: int = 4           # bags per step: small cohorts still get many optimizer steps
     lr: float = 2e-4
     weight_decay: float = 1e-4
     patience: int = 10            # epochs without a better validation loss before stopping
@@ -180,6 +180,9 @@ def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool
     val_bags = [cohort.bags[i] for i in split.val]
     batcher = BagBatcher(train_bags, cfg.batch_size, max_instances=cfg.max_instances, shuffle=True,
                          seed=cfg.seed + split.fold)
+    if cfg.w2s.enabled:
+        cfg = replace(cfg, w2s=cfg.w2s.scaled(len(batcher), cfg.epochs))
+        log.debug("fold %d: w2s warm-up %d epochs, ramp %d", split.fold, cfg.w2s.warmup, cfg.w2s.ramp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * len(batcher)))
     history: list[dict] = []

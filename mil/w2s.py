@@ -18,7 +18,7 @@ Binary tasks only: class index 0 is the negative class, 1 the positive.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,17 @@ class W2SConfig:
     instance_weight: float = 1.0 # lambda_I, weight of the student's loss
     distill_weight: float = 0.5  # lambda_D, weight of the attention distillation at full ramp
 
+    min_warmup_steps: int = 50   # the student needs this many optimizer steps before it may overrule anyone
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def scaled(self, steps_per_epoch: int, epochs: int) -> "W2SConfig":
+        """The schedule for a run: warm-up lasts at least `min_warmup_steps` optimizer steps (small
+        cohorts make few steps per epoch), but never more than a third of the epochs."""
+        need = math.ceil(self.min_warmup_steps / max(1, steps_per_epoch))
+        warmup = min(max(self.warmup, need), max(self.warmup, epochs // 3))
+        return replace(self, warmup=warmup)
 
     def ramp_at(self, epoch: int) -> float:
         """0 before warm-up ends, then linear to 1 over `ramp` epochs."""

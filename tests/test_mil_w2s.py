@@ -107,3 +107,11 @@ def test_schedule_warmup_then_ramp_and_off_when_disabled():
     assert not w.feedback_on(1) and w.feedback_on(2)
     off = W2SConfig(enabled=False)
     assert off.ramp_at(100) == 0 and not off.feedback_on(100)
+
+
+def test_warmup_lasts_enough_optimizer_steps_but_at_most_a_third_of_training():
+    w = W2SConfig(warmup=3, ramp=5, min_warmup_steps=50)
+    assert w.scaled(steps_per_epoch=100, epochs=40).warmup == 3      # big cohort: 300 steps already
+    assert w.scaled(steps_per_epoch=5, epochs=40).warmup == 10       # 50 steps
+    assert w.scaled(steps_per_epoch=1, epochs=30).warmup == 10       # capped at a third of 30 epochs
+    assert w.scaled(steps_per_epoch=1, epochs=6).warmup == 3         # never below the asked warm-up

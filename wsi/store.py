@@ -149,7 +149,7 @@ class TileStore:
                 "mpp": a.get("mpp"), "patch_size": a.get("patch_size"), "slide_mpp": a.get("slide_mpp"),
                 "source": a.get("source"), "features": feats, "tiles": "tiles" in g,
                 "labels": sorted(k for k, _ in g["labels"].arrays()) if "labels" in g else [],
-                "predictions": sorted(k for k, _ in g["predictions"].groups()) if "predictions" in g else [],
+                "predictions": self.prediction_names(slide_id),
                 "error": a.get("error")}
 
     def info(self) -> list[dict[str, Any]]:
@@ -264,31 +264,36 @@ class TileStore:
             raise ValueError(f"invalid prediction name {name!r}: use letters, digits, '.', '_' or '-'") from None
         g = self.slide(slide_id)
         n = g["coords"].shape[0]
+        arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+        for key, values in arrays.items():  # checked before the old predictions are dropped
+            if values.shape[:1] != (n,):
+                raise ValueError(f"{slide_id}: prediction {key!r} of shape {values.shape} does not match {n} tiles")
         preds = g["predictions"] if "predictions" in g else g.create_group("predictions")
         if name in preds:
             del preds[name]
         grp = preds.create_group(name, attributes={**attrs, "complete": False})
         for key, values in arrays.items():
-            values = np.asarray(values, np.float32)
-            if values.shape[:1] != (n,):
-                raise ValueError(f"{slide_id}: prediction {key!r} of shape {values.shape} does not match {n} tiles")
             grp.create_array(key, data=values, chunks=(max(1, min(n, 65536)),) + values.shape[1:])
         grp.attrs["complete"] = True
 
     def predictions(self, slide_id: str, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """(per-tile arrays, attrs) of `predictions/<name>`; StoreError when absent or unfinished."""
+        validate_slide_id(name)
         g = self.slide(slide_id)
         if "predictions" not in g or name not in g["predictions"] or \
                 not g["predictions"][name].attrs.get("complete"):
-            raise StoreError(f"{self.path}: slide {slide_id!r} has no predictions {name!r}; "
-                             f"run `mil predict --store {self.path} --run RUN_DIR` (have: "
-                             f"{', '.join(self.prediction_names(slide_id)) or 'none'})")
+            raise StoreError(f"{self.path}: slide {slide_id!r} has no predictions {name!r} (it has: "
+                             f"{', '.join(self.prediction_names(slide_id)) or 'none'}); make them with "
+                             f"`mil predict --store {self.path} --run RUN_DIR --name {name}`")
         grp = g["predictions"][name]
         return {k: a[:] for k, a in grp.arrays()}, dict(grp.attrs)
 
     def prediction_names(self, slide_id: str) -> list[str]:
+        """Names of the slide's complete predictions."""
         g = self.slide(slide_id)
-        return sorted(k for k, _ in g["predictions"].groups()) if "predictions" in g else []
+        if "predictions" not in g:
+            return []
+        return sorted(k for k, grp in g["predictions"].groups() if grp.attrs.get("complete"))
 
     def tiles_array_path(self, slide_id: str) -> str:
         return f"{self.path}/slides/{validate_slide_id(slide_id)}/tiles"

@@ -23,7 +23,7 @@ class MILOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)   # model-specific, for its extra_loss
 
 
-INSTANCE_CHUNK = 16384  # instances per chunk of a per-instance module on very large bags
+INSTANCE_CHUNK = 8192  # instances per chunk of a per-instance module on very large bags
 
 
 def instancewise(module: nn.Module, x: Tensor, chunk: int | None = None) -> Tensor:

@@ -100,7 +100,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bags", type=int, default=48)
     p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--models", nargs="+", default=["abmil", "clam-sb", "dsmil", "transmil"])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="also the 200,000-instance bag, in a child process")

@@ -71,7 +71,7 @@ def main() -> None:
                 n_tr = a.train_bags
                 split = Split(fold=0, train=list(range(n_tr)), val=list(range(n_tr, n_tr + 50)),
                               test=list(range(n_tr + 50, len(bags))))
-                cfg = TrainConfig(model=model, epochs=a.epochs, batch_size=16, lr=5e-4, patience=15, seed=seed,
+                cfg = TrainConfig(model=model, epochs=a.epochs, batch_size=4, lr=5e-4, patience=15, seed=seed,
                                   device="cpu", w2s=W2SConfig(enabled=w2s))
                 _, res = train_fold(cohort, split, cfg, progress=False)
                 aucs.append(bag_metrics(np.array(res.test_labels), np.array(res.test_probs))["auc"])

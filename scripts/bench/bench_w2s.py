@@ -52,15 +52,19 @@ def main() -> None:
     p.add_argument("--encoder", default="efficientnet-lite0")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench" / "w2s")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import numpy as np
+    import torch
 
     from mil.data import load_cohort
     from mil.train import TrainConfig, train_cohort
     from mil.w2s import W2SConfig
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     runs: dict[tuple[str, bool], list[dict]] = {}
     for seed in a.seeds:
         t0 = time.perf_counter()
