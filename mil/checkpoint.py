@@ -72,7 +72,8 @@ def run_folds(run_dir: str | Path) -> list[int]:
                   if (m := _FOLD_RE.match(p.parent.name)))
 
 
-def load_run(run_dir: str | Path, *, device: str = "cpu", folds: list[int] | None = None) -> tuple[dict[str, Any], list]:
+def load_run(run_dir: str | Path, *, device: str = "cpu",
+             folds: list[int] | None = None) -> tuple[dict[str, Any], list]:
     """(config, [one DualMIL per fold, in eval mode on `device`]); `folds` None = every fold with weights.
 
     A run trained with --w2s keeps filtering the instances its student rejects out of the bag

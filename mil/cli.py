@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--store", required=True)
     h.add_argument("--run", required=True, help="the run folder (or, with --name, any path)")
     h.add_argument("--name", default=None, help="prediction name in the store (default: the run folder's name)")
-    h.add_argument("--slide", nargs="+", required=True, help="slide id(s)")
+    h.add_argument("--slide", nargs="+", action="extend", required=True, help="slide id(s); repeatable")
     h.add_argument("--out", type=Path, required=True)
     h.add_argument("--max-side", type=int, default=2000, help="long side of the PNG in px")
     h.set_defaults(func=_cmd_heatmap)

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 ALPHA = 0.5             # overlay opacity: the tissue stays readable under the colours
 ATTENTION_PCT = 99      # attention colour scale tops out here, so one hot tile does not wash out the rest
+BAR_PX, TITLE_PX = 140, 36   # figure room right of the thumbnail (colour bar) and above it (title)
 
 
 def _canvas_size(attrs: dict, coords: np.ndarray, size0: float) -> tuple[int, int]:
@@ -86,7 +87,7 @@ def _figure(base: np.ndarray, over: np.ndarray, vmax: float, cmap: str, label: s
     from matplotlib.colors import Normalize
 
     h, w = base.shape[:2]
-    dpi, right, top = 100, 140, 60          # px of room for the colour bar and the title
+    dpi, right, top = 100, BAR_PX, TITLE_PX
     fig = plt.figure(figsize=((w + right) / dpi, (h + top) / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, w / (w + right), h / (h + top)))
     ax.imshow(base, interpolation="nearest")

@@ -117,7 +117,8 @@ def predict_store(store, run_dir: str | Path, *, slides: list[str] | None = None
             res = predict_bag(models, torch.from_numpy(np.asarray(feats, np.float32)).to(dev), positive)
             pred = classes[int(np.argmax(res["bag_probs"]))]
             store.write_predictions(sid, name, {"instance_score": res["instance_score"], "attention": res["attention"]},
-                                    {**attrs, "bag_probs": [float(v) for v in res["bag_probs"]], "predicted_class": pred,
+                                    {**attrs, "bag_probs": [float(v) for v in res["bag_probs"]],
+                                     "predicted_class": pred,
                                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             row.update(n_tiles=len(feats), predicted_class=pred,
                        bag_prob_positive=float(res["bag_probs"][positive]) if positive is not None else None)

@@ -14,13 +14,7 @@ SMALL = {"abmil": {"hidden": 64, "attn_hidden": 32}, "clam-sb": {"hidden": 64, "
          "dsmil": {}, "transmil": {"hidden": 64, "heads": 2, "dim_head": 32, "num_landmarks": 8}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small CPU kernels on a shared machine: one thread avoids OpenMP contention (10x faster here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(name: str, n_classes: int = 2, **kw) -> DualMIL:

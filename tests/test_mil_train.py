@@ -14,12 +14,7 @@ SMALL = {"abmil": {"hidden": 32, "attn_hidden": 16}, "clam-sb": {"hidden": 32, "
          "dsmil": {}, "transmil": {"hidden": 32, "heads": 2, "dim_head": 16, "num_landmarks": 8}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def separable_bags(n_bags: int = 24, seed: int = 0, witness: float = 0.2) -> list[Bag]:
