@@ -7,7 +7,8 @@ Same bags (1024-d features, sizes log-normal around 3,000 instances), same model
   optimizer step are timed (the loss touches both branches: bag CE + the student's BCE);
 - pathmil: `mil.train.train_epoch` on a `BagBatcher` over bags held in memory (batch building, the
   w2s-free instance loss, everything a real epoch does);
-- CLAM-style: one bag per step, each bag's features read from the tile store on disk at every step.
+- CLAM-style: one bag per step, each bag's features read from the tile store on disk at every step;
+- one-bag floor: one bag per step from memory (no padding, no reading): what batching is up against.
 `--memory` trains one step on, and then predicts, a single 200,000 x 1024 bag in a child process
 and reports its peak RSS (target: under 4 GiB).
 """
@@ -37,37 +38,50 @@ def make_bags(n_bags: int, dim: int, seed: int):
                 instance_labels=None) for i, n in enumerate(sizes)]
 
 
-def time_floor(model, batches, opt) -> float:
+def step(model, opt, x, mask, y) -> None:
+    """Forward, the loss of both branches (bag CE + the student's BCE), backward, optimizer step."""
     import torch
     import torch.nn.functional as F
 
     from mil.w2s import positive_logit
 
+    out = model(x, mask)
+    z = positive_logit(out.instance_logits)
+    m = mask if mask is not None else torch.ones(z.shape, dtype=torch.bool)
+    loss = F.cross_entropy(out.bag_logits, y) + F.binary_cross_entropy_with_logits(z[m], torch.zeros_like(z[m]))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def time_floor(model, batches, opt) -> float:
     model.train()
     t0 = time.perf_counter()
     for x, mask, y in batches:
-        out = model(x, mask)
-        z = positive_logit(out.instance_logits)
-        loss = F.cross_entropy(out.bag_logits, y) + F.binary_cross_entropy_with_logits(z[mask], torch.zeros_like(z[mask]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(model, opt, x, mask, y)
+    return time.perf_counter() - t0
+
+
+def time_per_bag_floor(model, bags, opt) -> float:
+    """One bag per step, tensors already in memory: no padding at all."""
+    import torch
+
+    xs = [(torch.from_numpy(b.features)[None], torch.tensor([b.label])) for b in bags]
+    model.train()
+    t0 = time.perf_counter()
+    for x, y in xs:
+        step(model, opt, x, None, y)
     return time.perf_counter() - t0
 
 
 def time_clam_loop(model, store, ids, labels, opt) -> float:
     import torch
-    import torch.nn.functional as F
 
     model.train()
     t0 = time.perf_counter()
     for sid, y in zip(ids, labels):
         x = torch.from_numpy(store.features(sid, "bench"))[None]   # read from disk every step, as CLAM does
-        out = model(x)
-        loss = F.cross_entropy(out.bag_logits, torch.tensor([y]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(model, opt, x, None, torch.tensor([y]))
     return time.perf_counter() - t0
 
 
@@ -136,18 +150,21 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         cfg = TrainConfig(model=name, batch_size=a.batch_size)
         batcher = BagBatcher(bags, a.batch_size, shuffle=True, seed=0)
-        floor, ours, clam = [], [], []
+        floor, ours, clam, per_bag = [], [], [], []
         for r in range(a.repeats):
             batches = [(b.x, b.mask, b.y) for b in batcher]     # this epoch's batches, built before timing
+            pad = 1 - sum(int(m.sum()) for _, m, _ in batches) / sum(m.numel() for _, m, _ in batches)
             floor.append(time_floor(model, batches, opt))
             del batches
+            per_bag.append(time_per_bag_floor(model, bags, opt))
             t0 = time.perf_counter()
             train_epoch(model, batcher, opt, None, cfg, 0, True, dev)
             ours.append(time.perf_counter() - t0)
             clam.append(time_clam_loop(model, store, [b.slide_id for b in bags], [b.label for b in bags], opt))
-        f, o, c = min(floor), min(ours), min(clam)
+        f, o, c, pb = min(floor), min(ours), min(clam), min(per_bag)
         print(f"{name:9s} floor {f:6.2f} s/epoch | pathmil {o:6.2f} s = {o / f:.2f}x floor | "
-              f"CLAM-style loop {c:6.2f} s = {c / o:.2f}x pathmil")
+              f"CLAM-style loop {c:6.2f} s = {c / o:.2f}x pathmil | one-bag floor {pb:6.2f} s "
+              f"(padding {pad:.1%} of the batched instances)", flush=True)
     if a.memory:
         for name in ("abmil",):
             subprocess.run([sys.executable, __file__, "--memory-child", "200000", "--dim", str(a.dim),
