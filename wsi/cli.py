@@ -66,7 +66,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
         return 2
     slides = store.info()
     if a.json:
-        keep = ("id", "status", "n_tiles", "mpp", "patch_size", "slide_mpp", "source", "features", "labels")
+        keep = ("id", "status", "n_tiles", "mpp", "patch_size", "slide_mpp", "source", "features", "labels",
+                "predictions")
         print(json.dumps({"store": str(a.store), "slides": [{k: s[k] for k in keep} | ({"error": s["error"]} if s["error"] else {})
                                                           for s in slides]}, indent=1))
         return 0
