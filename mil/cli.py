@@ -115,7 +115,8 @@ def _cmd_models(a: argparse.Namespace) -> int:
     specs = list_models()
     if a.json:
         print(json.dumps([{"name": s.name, "paper": s.paper, "url": s.url, "license": s.license,
-                           "description": s.description, "defaults": s.defaults} for s in specs], indent=1))
+                           "description": s.description, "defaults": s.defaults, "w2s_filter": s.w2s_filter}
+                          for s in specs], indent=1))
         return 0
     print(_table([("name", "license", "paper")] + [(s.name, s.license, s.paper) for s in specs]))
     return 0

@@ -101,6 +101,7 @@ class DualMIL(nn.Module):
         # on after warm-up; a model trained with it keeps it for inference (saved in the run config).
         self.reject_below: float | None = None
         self.min_keep: int = 8
+        self.w2s_filter = True   # False for models that need the whole bag (registry metadata)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, keep: Tensor | None = None) -> MILOutput:
         """x (B, N, D); mask (B, N) True = real instance (None: all real); keep (B, N) an extra filter
@@ -109,7 +110,7 @@ class DualMIL(nn.Module):
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         instance_logits = instancewise(self.student, x)
-        if keep is None and self.reject_below is not None:
+        if keep is None and self.reject_below is not None and self.w2s_filter:
             from ..w2s import keep_mask
 
             keep = keep_mask(instance_logits, mask, self.reject_below, self.min_keep)

@@ -19,6 +19,7 @@ class MILSpec:
     license: str = "unknown"       # of the reference code
     description: str = ""
     defaults: dict = field(default_factory=dict)   # bag-branch hyper-parameters create_model accepts
+    w2s_filter: bool = True        # may --w2s mask rejected instances out of the bag branch?
     builder: Callable | None = field(default=None, compare=False, repr=False)
 
     def row(self) -> dict:
@@ -73,4 +74,6 @@ def create_model(name: str, in_dim: int, n_classes: int, *, student_hidden: int 
         raise ValueError(f"MIL model {name!r} has no option(s) {', '.join(unknown)}; "
                          f"it takes: {', '.join(sorted(spec.defaults)) or 'none'} (plus student_hidden, dropout)")
     bag = spec.builder(in_dim, n_classes, dropout=dropout, **{**spec.defaults, **kwargs})
-    return DualMIL(bag, InstanceStudent(in_dim, n_classes, student_hidden, dropout), name=name)
+    model = DualMIL(bag, InstanceStudent(in_dim, n_classes, student_hidden, dropout), name=name)
+    model.w2s_filter = spec.w2s_filter
+    return model

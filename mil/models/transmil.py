@@ -171,6 +171,9 @@ class TransMIL(nn.Module):
           "Image Classification. NeurIPS 2021",
     url="https://github.com/szc19990412/TransMIL",
     license="unspecified",
+    # Its PPEG and self-attention model the whole bag's layout: masking rejected tiles out under --w2s
+    # cost 0.05 bag AUC on a synthetic cohort (0.953 vs 1.000); the distillation still applies.
+    w2s_filter=False,
     description="Nystrom-attention transformer with PPEG position encoding; attention = CLS row of the last "
                 "layer's Nystrom approximation",
     defaults={"hidden": 512, "heads": 8, "dim_head": 64, "num_landmarks": 256, "pinv_iterations": 6,
