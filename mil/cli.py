@@ -11,20 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+from wsi.cli_common import command_parser, format_table, run_command
+
 log = logging.getLogger("mil")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _table(rows: list[tuple]) -> str:
-    rows = [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _fmt(s: dict | None) -> str:
@@ -37,7 +26,7 @@ def metrics_rows(metrics: list[dict]) -> str:
     for m in metrics:
         rows.append((m["model"], "yes" if m["w2s"] else "no", _fmt(m["bag_auc"]), _fmt(m["bag_balanced_accuracy"]),
                      _fmt(m["instance_auc"]), _fmt(m["instance_auc_attention"]), _fmt(m["instance_ap"])))
-    return _table(rows)
+    return format_table(rows)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -88,7 +77,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         p = r.get("bag_prob_positive")
         table.append((r["slide_id"], r["status"], r.get("n_tiles") or "-", "-" if p is None else f"{p:.3f}",
                       r.get("predicted_class") or r.get("error") or "-"))
-    print(_table(table))
+    print(format_table(table))
     return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
@@ -118,15 +107,12 @@ def _cmd_models(a: argparse.Namespace) -> int:
                            "description": s.description, "defaults": s.defaults, "w2s_filter": s.w2s_filter}
                           for s in specs], indent=1))
         return 0
-    print(_table([("name", "license", "paper")] + [(s.name, s.license, s.paper) for s in specs]))
+    print(format_table([("name", "license", "paper")] + [(s.name, s.license, s.paper) for s in specs]))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mil", description="Dual-level multiple-instance learning on a tile store.")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
-    sub = p.add_subparsers(dest="command", required=True)
+    p, sub = command_parser("mil", "Dual-level multiple-instance learning on a tile store.")
 
     t = sub.add_parser("train", help="cross-validate a MIL model on slide labels",
                        description="Train on slide labels alone; with --w2s the bag and instance branches correct "
@@ -187,12 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    with logging_redirect_tqdm():
-        return args.func(args)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -497,9 +497,9 @@ def results_table(results: list[LabelResult]) -> str:
         rows.append((r.slide_id, r.status, str(r.n_tiles) if r.n_tiles or r.status in ("labelled", "negative")
                      else "-", str(r.n_positive) if r.status in ("labelled", "negative") else "-",
                      (r.error or (Path(r.source).name if r.source else "-"))[:100]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    from .cli_common import format_table
+
+    lines = [format_table(rows)]
     n = {k: sum(r.status == k for r in results) for k in ("labelled", "negative", "skipped", "failed")}
     lines.append(f"{n['labelled']} labelled from annotations, {n['negative']} all negative (no file), "
                  f"{n['skipped']} skipped, {n['failed']} failed, of {len(results)} slides")

@@ -13,12 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_common import command_parser, format_table, run_command
+
 log = logging.getLogger("wsi")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def _positive_float(s: str) -> float:
@@ -76,11 +73,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
         rows.append((s["id"], s["status"] or "?", str(s["n_tiles"]), str(s["mpp"] or "-"), str(s["patch_size"] or "-"),
                      f"{s['slide_mpp']:.3f}" if s["slide_mpp"] else "-", ",".join(s["features"]) or "-",
                      s["error"] or s["source"] or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(rows))
     n = sum(s["status"] == "complete" for s in slides)
     print(f"{len(slides)} slides, {n} complete, {sum(s['n_tiles'] for s in slides if s['status'] == 'complete')} tiles")
     return 0
@@ -176,22 +169,14 @@ def _cmd_encoders(a: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     cols = ["name", "dim", "input", "precision", "gated", "license", "hub_id"]
-    table = [cols] + [[str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
-    for i, t in enumerate(table):
-        print("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table([cols] + [[r[c] for c in cols] for r in rows]))
     print("also: timm:<arch>, hf-hub:<repo>, open_clip:<arch>[@<pretrained>], local:<dir>; "
           "--weights FILE.safetensors loads local weights into any of them")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wsi", description="Whole-slide images into a Zarr tile store.")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
-    sub = p.add_subparsers(dest="command", required=True)
+    p, sub = command_parser("wsi", "Whole-slide images into a Zarr tile store.")
 
     t = sub.add_parser("tile", help="segment tissue and tile slides into a store",
                        description="Tile slides at a physical resolution into a Zarr tile store. Complete "
@@ -291,14 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
-    try:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-    except ImportError:  # pragma: no cover
-        return args.func(args)
-    with logging_redirect_tqdm():
-        return args.func(args)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

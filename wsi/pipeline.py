@@ -216,9 +216,9 @@ def results_table(results: list[SlideResult]) -> str:
         rows.append((r.slide_id, r.status, str(r.n_tiles), f"{r.slide_mpp:.3f}" if r.slide_mpp else "-",
                      f"{r.tissue_fraction:.0%}" if r.tissue_fraction is not None else "-",
                      f"{r.seconds:.1f}" if r.seconds else "-", r.method or "-", (r.error or "")[:90]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    from .cli_common import format_table
+
+    lines = [format_table(rows)]
     n_ok = sum(r.status == "complete" for r in results)
     n_skip = sum(r.status == "skipped" for r in results)
     n_fail = sum(r.status == "failed" for r in results)

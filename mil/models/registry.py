@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from wsi.registry import Registry
+
 
 @dataclass(frozen=True)
 class MILSpec:
@@ -27,39 +29,28 @@ class MILSpec:
                 "defaults": ", ".join(f"{k}={v}" for k, v in self.defaults.items())}
 
 
-REGISTRY: dict[str, MILSpec] = {}
-
-
-def register_model(name: str, **meta) -> Callable:
-    """Decorator: register `builder(in_dim, n_classes, *, dropout, **defaults) -> bag branch nn.Module`.
-
-    The bag branch maps (x (B,N,D), mask (B,N) bool) to (bag_logits (B,C), attention (B,N), extras dict)
-    and may define `extra_loss(extras, y) -> Tensor`.
-    """
-    def wrap(builder: Callable) -> Callable:
-        if name in REGISTRY:
-            raise ValueError(f"MIL model {name!r} registered twice")
-        REGISTRY[name] = MILSpec(name=name, builder=builder, **meta)
-        return builder
-    return wrap
-
-
 def _load_models() -> None:
     # Importing a model module runs its decorator; the list of model files lives only here.
     from . import abmil, clam, dsmil, transmil  # noqa: F401
 
 
+REGISTRY: Registry[MILSpec] = Registry("MIL model", MILSpec, _load_models)
+
+
+def register_model(name: str, **meta) -> Callable:
+    """Decorator: register `builder(in_dim, n_classes, *, dropout, **defaults) -> bag branch` under
+    `name`, with the MILSpec metadata as keywords. The bag branch maps (x (B,N,D), mask (B,N) bool) to
+    (bag_logits (B,C), attention (B,N), extras dict) and may define `extra_loss(extras, y) -> Tensor`."""
+    return REGISTRY.register(name, **meta)
+
+
 def list_models() -> list[MILSpec]:
-    _load_models()
-    return [REGISTRY[k] for k in sorted(REGISTRY)]
+    return REGISTRY.specs()
 
 
 def get_spec(name: str) -> MILSpec:
     """The spec of a registered model; an unknown name raises ValueError listing the choices."""
-    _load_models()
-    if name not in REGISTRY:
-        raise ValueError(f"unknown MIL model {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    return REGISTRY.get(name)
 
 
 def create_model(name: str, in_dim: int, n_classes: int, *, student_hidden: int = 256,

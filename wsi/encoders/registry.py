@@ -10,6 +10,8 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from ..registry import Registry
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,39 +46,28 @@ class EncoderSpec:
                 "license": self.license, "gated": self.gated, "hub_id": self.hub_id or "-", "family": self.family}
 
 
-REGISTRY: dict[str, EncoderSpec] = {}
+def _load_families() -> None:
+    # Importing a family module runs its decorators; the list of families lives only here.
+    from . import conch, efficientnet, gigapath, hoptimus, phikon, plip, quilt, resnet, uni, virchow  # noqa: F401
+
+
+REGISTRY: Registry[EncoderSpec] = Registry("encoder", EncoderSpec, _load_families, EncoderError)
 
 
 def register_encoder(name: str, **meta) -> Callable:
-    """Decorator: register `builder(pretrained: bool, weights: str | None) -> nn.Module` under `name`.
-
-    The module maps normalised images (B, 3, S, S) to features (B, dim).
-    """
-    def wrap(builder: Callable) -> Callable:
-        if name in REGISTRY:
-            raise ValueError(f"encoder {name!r} registered twice")
-        REGISTRY[name] = EncoderSpec(name=name, builder=builder, **meta)
-        return builder
-    return wrap
+    """Decorator: register `builder(pretrained: bool, weights: str | None) -> nn.Module` under `name`,
+    with the EncoderSpec metadata as keywords. The module maps normalised images (B, 3, S, S) to
+    features (B, dim)."""
+    return REGISTRY.register(name, **meta)
 
 
 def list_encoders() -> list[EncoderSpec]:
-    _load_families()
-    return [REGISTRY[k] for k in sorted(REGISTRY)]
+    return REGISTRY.specs()
 
 
 def get_spec(name: str) -> EncoderSpec:
     """The registered spec of a named encoder (generic names have theirs once built)."""
-    _load_families()
-    if name in REGISTRY:
-        return REGISTRY[name]
-    raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(sorted(REGISTRY))}, "
-                       "or timm:<arch>, hf-hub:<repo>, open_clip:<arch>[@<pretrained>], local:<dir>")
-
-
-def _load_families() -> None:
-    # Importing a family module runs its decorators; the list of families lives only here.
-    from . import conch, efficientnet, gigapath, hoptimus, phikon, plip, quilt, resnet, uni, virchow  # noqa: F401
+    return REGISTRY.get(name, hint=", or timm:<arch>, hf-hub:<repo>, open_clip:<arch>[@<pretrained>], local:<dir>")
 
 
 class Encoder:
@@ -125,14 +116,13 @@ def create_encoder(name: str, *, pretrained: bool = True, weights: str | None = 
     the hub; `pretrained=False` gives random weights from the architecture config (for tests)."""
     from .generic import build_generic
 
-    _load_families()
     if name not in REGISTRY:
         built = build_generic(name, pretrained, weights)
         if built is None:
             get_spec(name)  # raises with the list of valid names
         model, spec = built
         return Encoder(model, spec, weights or (spec.hub_id if pretrained else "random-init"))
-    spec = REGISTRY[name]
+    spec = REGISTRY.get(name)
     if spec.requires:
         import importlib.util
 
