@@ -1,14 +1,21 @@
-"""A run folder's model files: `config.json` (how to rebuild the models) and `fold_<k>/model.safetensors`.
+"""A run folder's model files: `config.json` (how to rebuild the models, the settings, the data it
+was trained on) and `fold_<k>/model.safetensors`; and whether a folder may be resumed.
 
-Only safetensors are ever read: nothing in a run folder is unpickled.
+Only safetensors are ever read: nothing in a run folder is unpickled. Files are written atomically
+(a reader, or a resumed run, sees the old file or the new one, never half of one).
 """
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from wsi.errors import RunError
+from wsi.runtime import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -16,25 +23,11 @@ REQUIRED = ("model", "in_dim", "n_classes")
 _FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 
-class RunError(ValueError):
-    """A run folder that is missing, incomplete or of another kind; the message says what to do."""
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    # A reader (or a resumed run) sees the old file or the new one, never half of one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_config(run_dir: str | Path, config: dict[str, Any]) -> Path:
     """Write RUN_DIR/config.json (indent 2) atomically; returns its path."""
     path = Path(run_dir) / CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
     return path
 
 
@@ -46,8 +39,54 @@ def save_fold_model(run_dir: str | Path, fold: int, model) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses non-contiguous and shared-memory tensors: save independent CPU copies.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda p: save_file(state, str(p), metadata={"model": getattr(model, "name", "")}))
+    atomic_write(path, lambda p: save_file(state, str(p), metadata={"model": getattr(model, "name", "")}))
     return path
+
+
+_SETTINGS = ("model", "model_kwargs", "in_dim", "class_names", "encoder", "w2s_params", "folds", "seed", "train",
+             "instance_labels")
+
+
+def _data_changes(old: dict, new: dict) -> list[str]:
+    """What differs between the data a run was trained on and the data given now, in words."""
+    out = []
+    if old.get("labels_csv") != new.get("labels_csv"):
+        out.append(f"labels CSV was {old.get('labels_csv')}, now {new.get('labels_csv')}")
+    elif old.get("labels_sha256") != new.get("labels_sha256"):
+        out.append(f"labels CSV {new.get('labels_csv')} changed since the run began")
+    of, nf = old.get("features") or {}, new.get("features") or {}
+    where = lambda f: f"{f.get('kind')} {f.get('path')} (encoder {f.get('encoder')!r})"  # noqa: E731
+    if any(of.get(k) != nf.get(k) for k in ("kind", "path", "encoder")):
+        out.append(f"features were from {where(of)}, now from {where(nf)}")
+    elif of.get("slides") != nf.get("slides"):
+        out.append(f"{of.get('slides')} slides had features then, {nf.get('slides')} now in {where(nf)}")
+    elif of.get("sha256") != nf.get("sha256"):
+        out.append(f"the features, coords or labels of some slides in {where(nf)} changed (re-embedded, "
+                   "re-tiled or relabelled)")
+    return out
+
+
+def check_resume(out: Path, old: dict, new: dict) -> None:
+    """A folder holding a run may only be resumed with the same settings and the same data."""
+    changed = []
+    for key in _SETTINGS:
+        o, n = old.get(key), new.get(key)
+        if o != n and isinstance(o, dict) and isinstance(n, dict) and key in ("train", "w2s_params"):
+            prefix = "w2s." if key == "w2s_params" else ""   # name the settings themselves: epochs, w2s.warmup
+            changed += [prefix + k for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+        elif o != n:
+            changed.append(key)
+    if changed:
+        raise RunError(f"{out}: holds a run with other settings ({', '.join(changed)} differ); choose a new --out, "
+                       "or delete the folder to start again")
+    if "data" not in old:
+        log.warning("%s: a run from an earlier pathmil, which did not record its data; resuming without checking "
+                    "that the labels and features are the same", out)
+        return
+    what = _data_changes(old["data"], new["data"])
+    if what:
+        raise RunError(f"{out}: holds a run trained on other data ({'; '.join(what)}); its folds would mix the "
+                       "two: choose a new --out, or delete the folder to start again")
 
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:

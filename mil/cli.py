@@ -1,7 +1,10 @@
 """`mil`: train dual-level MIL models on a store (or CLAM/TRIDENT h5), predict, draw heatmaps.
 
-Every command is a thin layer over the Python API (`mil.data`, `mil.train`, `mil.predict`,
-`mil.heatmap`); imports are deferred to the command that needs them.
+Every command is a thin layer over the Python API (`mil.cohort`, `mil.train`, `mil.predict`,
+`mil.heatmap`); torch is imported only by the commands that need it. The `mil train` options are made
+from the TrainConfig and W2SConfig dataclasses (`wsi.cli_common.add_config_options`), so each default
+is written once. Errors a user can cause (PathmilError) end as one line and exit status 2
+(`wsi.cli_common.run_command`).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from wsi.cli_common import command_parser, format_table, run_command
+from wsi.cli_common import add_config_options, command_parser, config_from_args, format_table, run_command
 
 log = logging.getLogger("mil")
 
@@ -30,48 +33,30 @@ def metrics_rows(metrics: list[dict]) -> str:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .data import load_cohort
-    from .train import TrainConfig, train_cohort
-    from .w2s import W2SConfig
+    from wsi.errors import CohortError
+
+    from .cohort import load_cohort
+    from .config import TrainConfig, W2SConfig
+    from .train import train_cohort
 
     if (a.store is None) == (a.h5_dir is None):
-        log.error("give exactly one of --store STORE or --h5-dir DIR")
-        return 2
-    try:
-        kwargs = json.loads(a.model_kwargs) if a.model_kwargs else {}
-    except json.JSONDecodeError as e:
-        log.error("--model-kwargs is not JSON (%s); e.g. --model-kwargs '{\"dropout\": 0.1}'", e)
-        return 2
-    w2s = W2SConfig(enabled=a.w2s, alpha_max=a.w2s_alpha, warmup=a.w2s_warmup, ramp=a.w2s_ramp,
-                    reject_below=a.w2s_reject)
-    cfg = TrainConfig(model=a.model, model_kwargs=kwargs, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                      weight_decay=a.weight_decay, patience=a.patience, max_instances=a.max_instances, seed=a.seed,
-                      device=a.device, folds=a.folds, val_fraction=a.val_fraction, w2s=w2s)
-    try:
-        cohort = load_cohort(a.labels, store=a.store, h5_dir=a.h5_dir, encoder=a.encoder,
-                             instance_labels=a.instance_labels, classes=a.classes.split(",") if a.classes else None,
-                             positive=a.positive, progress=not a.quiet)
-        log.info("%d slides, classes %s (positive: %s), %d-d features of %s", len(cohort.bags),
-                 cohort.class_names, cohort.positive_class, cohort.dim, cohort.encoder)
-        metrics = train_cohort(cohort, cfg, a.out, instance_labels=a.instance_labels, progress=not a.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
+        raise CohortError("give exactly one of --store STORE or --h5-dir DIR")
+    cfg = config_from_args(TrainConfig, a, w2s=config_from_args(W2SConfig, a, prefix=W2S_PREFIX))
+    cohort = load_cohort(a.labels, store=a.store, h5_dir=a.h5_dir, encoder=a.encoder,
+                         instance_labels=a.instance_labels, classes=a.classes.split(",") if a.classes else None,
+                         positive=a.positive, progress=not a.quiet)
+    log.info("%d slides, classes %s (positive: %s), %d-d features of %s", len(cohort.bags),
+             cohort.class_names, cohort.positive_class, cohort.dim, cohort.encoder)
+    metrics = train_cohort(cohort, cfg, a.out, instance_labels=a.instance_labels, progress=not a.quiet)
     print(metrics_rows([metrics]))
     print(f"run written to {a.out} (metrics.json, roc.png, curves.png, predictions.csv, fold_*/)")
     return 0
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from wsi.store import StoreError
-
     from .predict import predict_store
 
-    try:
-        rows = predict_store(a.store, a.run, slides=a.slides, name=a.name, device=a.device, progress=not a.quiet)
-    except (StoreError, ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
+    rows = predict_store(a.store, a.run, slides=a.slides, name=a.name, device=a.device, progress=not a.quiet)
     table = [("slide", "status", "tiles", "p(positive)", "predicted")]
     for r in rows:
         p = r.get("bag_prob_positive")
@@ -82,17 +67,20 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _cmd_heatmap(a: argparse.Namespace) -> int:
-    from wsi.store import StoreError
+    from wsi.errors import PathmilError
+    from wsi.store import TileStore
 
     from .heatmap import write_heatmap
+    from .predict import prediction_name
 
-    run = a.name or Path(a.run).name
+    run = prediction_name(a.run, a.name)   # the name `mil predict` gave them
+    store = TileStore.open(a.store, readonly=True)   # a missing store: one error, not one per slide
     failed = 0
     for sid in a.slide:
         try:
-            for p in write_heatmap(a.store, sid, a.out, run=run, max_side=a.max_side):
+            for p in write_heatmap(store, sid, a.out, run=run, max_side=a.max_side):
                 print(p)
-        except (StoreError, ValueError, OSError) as e:
+        except (PathmilError, ValueError, OSError) as e:   # one slide's problem does not stop the others
             log.error("%s", e)
             failed += 1
     return 1 if failed else 0
@@ -111,10 +99,40 @@ def _cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    """--model-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e}); e.g. --model-kwargs '{{\"dropout\": 0.1}}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{text!r} is not a JSON object; e.g. --model-kwargs '{{\"dropout\": 0.1}}'")
+    return value
+
+
+class _RegistryHelp(argparse.HelpFormatter):
+    """Fills "{models}" in help texts from the model registry, only when help is shown: building the
+    parser does not import torch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and "{models}" in text:
+            from .models import list_models
+
+            text = text.replace("{models}", ", ".join(s.name for s in list_models()))
+        return text
+
+
+W2S_PREFIX = "w2s-"   # option --w2s-<field>, dest w2s_<field>
+W2S_NAMES = {"alpha_max": "--w2s-alpha", "reject_below": "--w2s-reject"}   # shorter names, as before
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import TrainConfig, W2SConfig
+
     p, sub = command_parser("mil", "Dual-level multiple-instance learning on a tile store.")
 
-    t = sub.add_parser("train", help="cross-validate a MIL model on slide labels",
+    t = sub.add_parser("train", help="cross-validate a MIL model on slide labels", formatter_class=_RegistryHelp,
                        description="Train on slide labels alone; with --w2s the bag and instance branches correct "
                                    "each other's pseudo-labels. Writes RUN_DIR/metrics.json, roc.png, curves.png, "
                                    "predictions.csv, splits/ and fold_<k>/model.safetensors.")
@@ -123,28 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--h5-dir", type=Path, default=None, help="a CLAM (h5_files/) or TRIDENT (features_<enc>/) folder")
     src.add_argument("--labels", type=Path, required=True, help="CSV: slide_id,label[,patient_id][,split]")
     src.add_argument("--encoder", required=True, help="which features to use (as given to `wsi embed`)")
-    src.add_argument("--instance-labels", default=None, help="tile labels to score instances against (`wsi labels --name`)")
+    src.add_argument("--instance-labels", default=None,
+                     help="tile labels to score instances against (`wsi labels --name`)")
     src.add_argument("--classes", default=None, help="class names in index order, comma-separated (default: sorted, "
                                                      "a negative-sounding name first)")
     src.add_argument("--positive", default=None, help="the positive class of a binary task")
-    t.add_argument("--model", default="abmil", help="abmil | clam-sb | dsmil | transmil (see `mil models`)")
-    t.add_argument("--model-kwargs", default=None, help="JSON of model hyper-parameters, e.g. '{\"dropout\": 0.1}'")
-    t.add_argument("--w2s", action="store_true", help="weak-to-strong pseudo-label correction between the branches")
-    t.add_argument("--w2s-alpha", type=float, default=0.75, help="weight of the student's own hardened labels, ramped")
-    t.add_argument("--w2s-warmup", type=int, default=3, help="epochs before any correction")
-    t.add_argument("--w2s-ramp", type=int, default=5, help="epochs over which the correction ramps up")
-    t.add_argument("--w2s-reject", type=float, default=0.1, help="student probability under which instances leave "
-                                                                "the bag branch's attention")
-    t.add_argument("--folds", type=int, default=5, help="patient-level stratified folds (ignored with a CSV split column)")
-    t.add_argument("--val-fraction", type=float, default=0.15)
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--patience", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=4, help="bags per step (padded, bucketed by size)")
-    t.add_argument("--max-instances", type=int, default=None, help="subsample bags larger than this while training")
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_config_options(t.add_argument_group("training"), TrainConfig, types={"model_kwargs": _json_object},
+                       help={"model": "the MIL model: one of {models} (see `mil models`)"})
+    w = t.add_argument_group("weak-to-strong correction")
+    # TrainConfig's default W2SConfig is off: --w2s turns it on (the dataclass default is the knobs' only home).
+    w.add_argument("--w2s", dest="w2s_enabled", action="store_true", default=TrainConfig().w2s.enabled,
+                   help="weak-to-strong pseudo-label correction between the branches")
+    add_config_options(w, W2SConfig, prefix=W2S_PREFIX, skip=("enabled",), names=W2S_NAMES)
     t.add_argument("--out", type=Path, required=True, help="the run folder")
     t.set_defaults(func=_cmd_train)
 

@@ -4,7 +4,8 @@ For predictions/<run> of a slide it writes, into the output folder:
     <slide>_<run>_instance.png   instance score (0..1, turbo) over the thumbnail, with a colour bar
     <slide>_<run>_attention.png  attention relative to uniform, capped at its 99th percentile
     <slide>_<run>.geojson        one Polygon per tile (level-0 px) with both values as measurements
-When the slide file has moved, the pictures are drawn on a white canvas of the slide's shape.
+The background is the slide's thumbnail (`SlideView.thumbnail`: from the slide file, else from the
+stored tiles); when it has neither, a white canvas of the slide's shape (SlideMeta width, height).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi.annotations import tiles_geojson  # the GeoJSON writer sits next to the reader
+
 log = logging.getLogger(__name__)
 
 ALPHA = 0.5             # overlay opacity: the tissue stays readable under the colours
@@ -21,12 +24,10 @@ ATTENTION_PCT = 99      # attention colour scale tops out here, so one hot tile 
 BAR_PX, TITLE_PX = 140, 36   # figure room right of the thumbnail (colour bar) and above it (title)
 
 
-def _canvas_size(attrs: dict, coords: np.ndarray, size0: float) -> tuple[int, int]:
-    """The slide's level-0 (width, height) as the store recorded it, else the tiles' extent."""
-    if attrs.get("level0_size"):
-        w, h = attrs["level0_size"]
-    elif attrs.get("width") and attrs.get("height"):
-        w, h = attrs["width"], attrs["height"]
+def _canvas_size(meta, coords: np.ndarray, size0: float) -> tuple[int, int]:
+    """The slide's level-0 (width, height) as the store recorded it (SlideMeta), else the tiles' extent."""
+    if meta.width and meta.height:
+        w, h = meta.width, meta.height
     elif len(coords):
         w, h = (coords.max(0) + size0).tolist()
     else:
@@ -34,28 +35,20 @@ def _canvas_size(attrs: dict, coords: np.ndarray, size0: float) -> tuple[int, in
     return max(1, int(w)), max(1, int(h))
 
 
-def slide_background(attrs: dict, slide_id: str, coords: np.ndarray, size0: float,
-                     max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
-    """The slide thumbnail (RGB uint8) and its level-0 px per thumbnail px (x, y); a white canvas of the
-    slide's shape (and a warning) when the source file cannot be opened."""
-    from wsi.slide import SlideError, open_slide
-    from wsi.viz import overview_image
+def slide_background(view, size0: float, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The slide's thumbnail (RGB uint8; from its slide file, else its stored tiles) and its level-0 px
+    per thumbnail px (x, y); a white canvas of the slide's shape (and a warning) when it has neither."""
+    from wsi.errors import StoreError
 
-    src = attrs.get("source")
-    if src:
-        try:
-            # The stored slide mpp is what tiling used (metadata or --slide-mpp): needed for images without one.
-            with open_slide(src, attrs.get("slide_mpp")) as slide:
-                img, ds = overview_image(slide, max_side)
-                return np.ascontiguousarray(img[..., :3], dtype=np.uint8), (float(ds[0]), float(ds[1]))
-        except (SlideError, OSError) as e:
-            why = str(e)
-    else:
-        why = "the store records no source path"
-    w, h = _canvas_size(attrs, coords, size0)
+    try:
+        return view.thumbnail(max_side)
+    except StoreError as e:
+        why = str(e)
+    meta = view.meta
+    w, h = _canvas_size(meta, view.coords, size0)
     ds = max(w, h) / max_side
     log.warning("%s: source slide %s is missing or unreadable (%s); drawing the heatmap on a blank canvas",
-                slide_id, src, why)
+                view.slide_id, meta.source, why)
     img = np.full((max(1, round(h / ds)), max(1, round(w / ds)), 3), 255, np.uint8)
     return img, (w / img.shape[1], h / img.shape[0])
 
@@ -102,34 +95,25 @@ def _figure(base: np.ndarray, over: np.ndarray, vmax: float, cmap: str, label: s
     return out
 
 
-def tiles_geojson(coords: np.ndarray, size0: float, measurements: dict[str, np.ndarray]) -> dict:
-    """Tiles as QuPath 'tile' objects: closed level-0 square rings (int px) with their measurements
-    (4 decimals)."""
-    s = int(round(size0))
-    cols = {k: np.asarray(v, np.float64).round(4).tolist() for k, v in measurements.items()}
-    feats = []
-    for i, (x, y) in enumerate(np.asarray(coords).astype(np.int64).tolist()):
-        ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
-        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                      "properties": {"objectType": "tile", "name": f"tile {i}",
-                                     "measurements": {k: v[i] for k, v in cols.items()}}})
-    return {"type": "FeatureCollection", "features": feats}
-
-
 def write_heatmap(store, slide_id: str, out_dir: str | Path, *, run: str, max_side: int = 2000) -> list[Path]:
     """Write <slide>_<run>_instance.png, <slide>_<run>_attention.png and <slide>_<run>.geojson into
-    out_dir from the store's predictions/<run> of the slide; returns the three paths."""
-    from wsi.annotations import tile_size_level0
+    out_dir from the store's predictions/<run> of the slide; returns the three paths. `store` is a
+    TileStore or the path of an existing one."""
+    from wsi.errors import StoreError
     from wsi.store import TileStore
 
-    store = store if isinstance(store, TileStore) else TileStore(store, mode="r")
-    arrays, pattrs = store.predictions(slide_id, run)
-    attrs = dict(store.slide(slide_id).attrs)
-    coords = store.coords(slide_id)
-    size0 = tile_size_level0(attrs, slide_id)
+    store = store if isinstance(store, TileStore) else TileStore.open(store, readonly=True)
+    view = store[slide_id]
+    arrays, pattrs = view.predictions(run)
+    coords = view.coords
+    size0 = view.meta.tile_size_level0
+    if not size0:
+        raise StoreError(f"{store.path}: slide {slide_id!r} records no tile size at level 0, so its tiles cannot "
+                         "be drawn; re-import it (`wsi import-h5 --overwrite`) from h5 files that record the patch "
+                         "size (TRIDENT coords attrs, or CLAM's patches/ folder)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base, ds = slide_background(attrs, slide_id, coords, size0, max_side)
+    base, ds = slide_background(view, size0, max_side)
 
     classes = list(pattrs.get("class_names") or [])
     probs = list(pattrs.get("bag_probs") or [])

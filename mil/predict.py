@@ -55,41 +55,49 @@ def predict_bag(models: list, feats, positive: int | None) -> dict[str, np.ndarr
             "attention": as_np(torch.stack(att).mean(0))}
 
 
-def _open_store(store):
-    from wsi.store import TileStore
-
-    if isinstance(store, TileStore):
-        return store
-    TileStore(store, mode="r")  # a missing path: an error naming it, rather than a new empty store
-    return TileStore(store)
+def prediction_name(run_dir: str | Path, name: str | None = None) -> str:
+    """The store name of a run's predictions: `name`, else the run folder's name, taken after resolving
+    the path (`--run .` names the current folder, not "")."""
+    return name or Path(run_dir).resolve().name
 
 
 def predict_store(store, run_dir: str | Path, *, slides: list[str] | None = None, name: str | None = None,
                   device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
     """Score the store's slides (default: every complete one) with every fold of `run_dir` and write
-    `predictions/<name>` (default name: the run folder's name). Returns one row per slide:
+    `predictions/<name>` (default name: the run folder's name). `store` is a TileStore or the path of
+    an existing one (a missing store is a StoreError; nothing is created). Returns one row per slide:
     slide_id, status (predicted | skipped | failed), bag_prob_positive, predicted_class, n_tiles, error."""
+    from wsi.runtime import large_frees_to_os
+
+    # Large bags run in chunks whose freed buffers glibc would otherwise keep: returned to the OS,
+    # within this call only.
+    with large_frees_to_os():
+        return _predict_store(store, Path(run_dir), slides, name, device, progress)
+
+
+def _predict_store(store, run_dir: Path, slides: list[str] | None, name: str | None, device: str,
+                   progress: bool) -> list[dict[str, Any]]:
     import torch
     from tqdm.auto import tqdm
 
-    from wsi.store import COMPLETE, StoreError, validate_slide_id
+    from wsi.errors import PathmilError, RunError
+    from wsi.runtime import resolve_device
+    from wsi.store import COMPLETE, TileStore, validate_name
 
     from .checkpoint import load_run
-    from .train import resolve_device
 
-    run_dir = Path(run_dir)
-    name = name or run_dir.resolve().name
+    name = prediction_name(run_dir, name)
     try:
-        validate_slide_id(name)
+        validate_name(name, "prediction")
     except ValueError:
-        raise ValueError(f"prediction name {name!r} is not usable in the store; pass --name with letters, "
-                         "digits, '.', '_' or '-' (starting with a letter or digit)") from None
+        raise RunError(f"prediction name {name!r} is not usable in the store; pass --name with letters, "
+                       "digits, '.', '_' or '-' (starting with a letter or digit)") from None
+    store = store if isinstance(store, TileStore) else TileStore.open(store)
     dev = resolve_device(device)
     config, models = load_run(run_dir, device=str(dev))
-    store = _open_store(store)
     encoder, classes = config["encoder"], list(config["class_names"])
     positive = positive_index(config)
-    ids = list(slides) if slides else [s for s in store.slide_ids() if store.status(s) == COMPLETE]
+    ids = list(slides) if slides else store.complete_ids()
     attrs = {"run_id": config.get("run_id"), "run_dir": str(run_dir.resolve()), "model": config["model"],
              "encoder": encoder, "class_names": classes, "positive_class": config.get("positive_class"),
              "folds": len(models), "w2s": bool(config.get("w2s", False))}
@@ -100,29 +108,30 @@ def predict_store(store, run_dir: str | Path, *, slides: list[str] | None = None
         rows.append(row)
         try:
             status = store.status(sid)
-            skip = ("not in the store" if status is None else
+            view = store[sid] if status is not None else None
+            skip = ("not in the store" if view is None else
                     f"slide status is {status!r}, not complete" if status != COMPLETE else
-                    None if store.has_features(sid, encoder) else
+                    None if view.has_features(encoder) else
                     f"no complete features for {encoder!r} (run `wsi embed {store.path} --encoder {encoder}`)")
             if skip:
                 row.update(status="skipped", error=skip)
                 log.warning("%s: skipped, %s", sid, skip)
                 continue
-            feats = store.features(sid, encoder)
+            feats = view.features(encoder, dtype=np.float32)
             if feats.ndim != 2 or feats.shape[1] != config["in_dim"]:
-                raise ValueError(f"features {encoder!r} are {feats.shape[-1]}-d but run {run_dir} was trained on "
-                                 f"{config['in_dim']}-d ones: an encoder mismatch; embed with the run's encoder")
+                raise RunError(f"features {encoder!r} are {feats.shape[-1]}-d but run {run_dir} was trained on "
+                               f"{config['in_dim']}-d ones: an encoder mismatch; embed with the run's encoder")
             if len(feats) == 0:
-                raise ValueError("no tiles to score")
-            res = predict_bag(models, torch.from_numpy(np.asarray(feats, np.float32)).to(dev), positive)
+                raise RunError("no tiles to score")
+            res = predict_bag(models, torch.from_numpy(feats).to(dev), positive)
             pred = classes[int(np.argmax(res["bag_probs"]))]
-            store.write_predictions(sid, name, {"instance_score": res["instance_score"], "attention": res["attention"]},
-                                    {**attrs, "bag_probs": [float(v) for v in res["bag_probs"]],
-                                     "predicted_class": pred,
-                                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            view.write_predictions(name, {"instance_score": res["instance_score"], "attention": res["attention"]},
+                                   {**attrs, "bag_probs": [float(v) for v in res["bag_probs"]],
+                                    "predicted_class": pred,
+                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             row.update(n_tiles=len(feats), predicted_class=pred,
                        bag_prob_positive=float(res["bag_probs"][positive]) if positive is not None else None)
-        except (StoreError, ValueError, OSError, RuntimeError) as e:
+        except (PathmilError, ValueError, OSError, RuntimeError) as e:
             row.update(status="failed", error=str(e))
             log.error("%s: %s", sid, e)
     return rows

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,39 +19,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_config, save_fold_model
-from .data import BagBatcher, Bag, Cohort, Split, make_splits, write_splits
+from wsi.errors import RunError
+from wsi.runtime import (atomic_write_json, deterministic, large_frees_to_os, package_version, resolve_device,
+                         seed_everything)
+
+from .batching import BagBatcher
+from .checkpoint import check_resume, save_config, save_fold_model
+from .cohort import Bag, Cohort, name_ids
+from .config import TrainConfig, W2SConfig
 from .metrics import bag_metrics, instance_metrics, plot_curves, plot_roc, summarize
 from .models import create_model, get_spec
-from .w2s import W2SConfig, distill_loss, positive_logit, student_loss
+from .splits import Split, make_splits, write_splits
+from .w2s import distill_loss, positive_logit, student_loss
+
+__all__ = ["TrainConfig", "W2SConfig", "FoldResult", "train_cohort", "train_fold", "train_epoch", "evaluate",
+           "run_config", "summarize_run"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides a run; saved in RUN_DIR/config.json."""
-
-    model: str = "abmil"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 40
-    batch_size: int = 4           # bags per step: small cohorts still get many optimizer steps
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    patience: int = 10            # epochs without a better validation loss before stopping
-    min_epochs: int = 5           # no early stop, and no best epoch chosen, before this
-    max_instances: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    folds: int = 5
-    val_fraction: float = 0.15
-    extra_weight: float = 0.5     # weight of the model's own auxiliary loss (CLAM instance loss, DSMIL max-instance)
-    w2s: W2SConfig = field(default_factory=lambda: W2SConfig(enabled=False))
-
-    def first_eligible_epoch(self) -> int:
-        # With correction on, keep training until the ramp is complete before choosing a best epoch.
-        need = self.w2s.warmup + self.w2s.ramp if self.w2s.enabled else 0
-        return max(self.min_epochs, need)
 
 
 @dataclass
@@ -69,20 +51,6 @@ class FoldResult:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    # Exactly repeatable on CPU; on GPU some kernels (scatter_add) have no deterministic version.
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def forward(model, x: torch.Tensor, mask: torch.Tensor, w2s: W2SConfig, feedback: bool):
@@ -169,7 +137,16 @@ def _instance_eval(bags: list[Bag], ev: dict) -> dict[str, dict | None]:
 
 
 def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool = True) -> tuple[Any, FoldResult]:
-    """Train one fold; returns the model at its best validation epoch and the fold's test results."""
+    """Train one fold; returns the model at its best validation epoch and the fold's test results.
+
+    Deterministic torch kernels and glibc's return of large freed blocks apply inside this call only,
+    not to the rest of the process."""
+    cfg.validate()
+    with deterministic(), large_frees_to_os():
+        return _train_fold(cohort, split, cfg, progress)
+
+
+def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool) -> tuple[Any, FoldResult]:
     from tqdm.auto import tqdm
 
     seed_everything(cfg.seed + split.fold)
@@ -198,7 +175,7 @@ def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool
         else:
             row["val_loss"], row["val_auc"] = row["train_loss"], float("nan")
         eligible = epoch >= cfg.first_eligible_epoch() or epoch == cfg.epochs - 1
-        if eligible and row["val_loss"] < best_loss:
+        if eligible and row["val_loss"] < best_loss:   # a NaN loss is never better
             best_loss, best_epoch, stale = row["val_loss"], epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif eligible:
@@ -207,6 +184,8 @@ def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_auc=f"{row['val_auc']:.3f}")
         if stale >= cfg.patience:
             break
+    if best_state is None:
+        raise RunError(_no_best_epoch(split.fold, history, train_bags + val_bags, cfg, bool(val_bags)))
     for h in history:
         h["best"] = h["epoch"] == best_epoch
     model.load_state_dict(best_state)
@@ -220,52 +199,52 @@ def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool
     return model, result
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True))
-    os.replace(tmp, path)
+def _no_best_epoch(fold: int, history: list[dict], bags: list[Bag], cfg: TrainConfig, has_val: bool) -> str:
+    """Why a fold has no best epoch (every eligible validation loss was NaN or infinite), and what to do."""
+    which = "validation" if has_val else "training (no validation part)"
+    losses = ", ".join(f"{h['val_loss']:.3g}" for h in history[-3:])
+    bad = [b.slide_id for b in bags if not np.isfinite(b.features).all()]
+    feats = (f"re-embed the {len(bad)} of the fold's {len(bags)} training and validation slides whose features "
+             f"hold NaN or infinite values ({name_ids(bad)})" if bad else "check the features")
+    return (f"fold {fold}: no epoch gave a finite {which} loss (last: {losses}); the training diverged or the "
+            f"inputs are broken: lower the learning rate (--lr, now {cfg.lr:g}) or {feats}")
 
 
 def run_config(cohort: Cohort, cfg: TrainConfig, instance_labels: str | None) -> dict[str, Any]:
-    """The RUN_DIR/config.json of a run (what `mil predict` needs to rebuild its models)."""
-    try:
-        from importlib.metadata import version
-
-        ver = version("pathmil")
-    except Exception:
-        ver = "unknown"
+    """The RUN_DIR/config.json of a run: what `mil predict` needs to rebuild its models, the settings,
+    and what the run was trained on (`data`: the labels CSV's and the features' digests)."""
     return {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "in_dim": cohort.dim,
             "n_classes": len(cohort.class_names), "class_names": cohort.class_names,
             "positive_class": cohort.positive_class, "encoder": cohort.encoder, "w2s": cfg.w2s.enabled,
             "w2s_params": cfg.w2s.to_dict(), "folds": cfg.folds, "instance_labels": instance_labels,
-            "source": cohort.source, "seed": cfg.seed, "pathmil_version": ver,
-            "train": {k: v for k, v in asdict(cfg).items() if k not in ("w2s", "model", "model_kwargs")}}
-
-
-def _same_run(old: dict, new: dict) -> bool:
-    keys = ("model", "model_kwargs", "in_dim", "class_names", "encoder", "w2s_params", "folds", "seed", "train")
-    return all(old.get(k) == new.get(k) for k in keys)
+            "source": cohort.source, "seed": cfg.seed, "pathmil_version": package_version(),
+            "train": {k: v for k, v in asdict(cfg).items() if k not in ("w2s", "model", "model_kwargs")},
+            "data": cohort.fingerprint()}
 
 
 def train_cohort(cohort: Cohort, cfg: TrainConfig, out_dir: str | Path, *, instance_labels: str | None = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Cross-validate `cfg.model` on `cohort`; write the run to `out_dir` and return metrics.json's content."""
+    """Cross-validate `cfg.model` on `cohort`; write the run to `out_dir` and return metrics.json's content.
+    A folder holding the same run (same settings, same labels and features) is resumed."""
+    cfg.validate()
     if cfg.w2s.enabled and len(cohort.class_names) != 2:
-        raise ValueError(f"--w2s needs a binary task (a negative and a positive class); this cohort has "
-                         f"{len(cohort.class_names)} classes: {', '.join(cohort.class_names)}")
+        raise RunError(f"--w2s needs a binary task (a negative and a positive class); this cohort has "
+                       f"{len(cohort.class_names)} classes: {', '.join(cohort.class_names)}")
     get_spec(cfg.model)  # unknown model: error listing the choices, before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = run_config(cohort, cfg, instance_labels)
     cfg_path = out / "config.json"
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if not _same_run(old, config):
-            raise ValueError(f"{out}: holds a run with other settings; choose a new --out, or delete the folder")
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{cfg_path}: not valid JSON ({e}); choose a new --out, or delete the folder") from None
+        check_resume(out, old, config)
         config["run_id"], config["created"] = old.get("run_id"), old.get("created")
     else:
         config["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        config["run_id"] = f"{out.name}-{config['created']}"
+        config["run_id"] = f"{out.resolve().name}-{config['created']}"
     save_config(out, config)
     splits = make_splits(cohort, cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.seed)
     write_splits(cohort, splits, out)
@@ -278,11 +257,11 @@ def train_cohort(cohort: Cohort, cfg: TrainConfig, out_dir: str | Path, *, insta
             continue
         model, res = train_fold(cohort, split, cfg, progress=progress)
         save_fold_model(out, split.fold, model.cpu())
-        _atomic_json(done, res.to_json())
+        atomic_write_json(done, res.to_json())
         results.append(res)
         log.info("fold %d: best epoch %d, test bag AUC %.3f", split.fold, res.best_epoch, res.metrics["auc"])
     metrics = summarize_run(results, config)
-    _atomic_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics)
     _write_outputs(out, results, cohort, config)
     return metrics
 

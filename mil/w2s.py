@@ -18,46 +18,14 @@ Binary tasks only: class index 0 is the negative class, 1 the positive.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from .config import W2SConfig
 
-@dataclass
-class W2SConfig:
-    """Knobs of the correction; `enabled=False` gives the naive baseline."""
-
-    enabled: bool = True
-    alpha_max: float = 0.75      # weight of the student's own hardened prediction once ramped (Burns et al.)
-    warmup: int = 3              # epochs of plain teacher labels before any correction
-    ramp: int = 5                # epochs over which alpha and the distillation weight rise to their maximum
-    reject_below: float = 0.1    # student probability under which an instance leaves the bag branch's attention
-    min_keep: int = 8            # never leave a bag with fewer attended instances than this
-    fp_rate: float = 0.01        # hardening threshold: the student's positive rate on sure negatives
-    instance_weight: float = 1.0 # lambda_I, weight of the student's loss
-    distill_weight: float = 0.5  # lambda_D, weight of the attention distillation at full ramp
-
-    min_warmup_steps: int = 50   # the student needs this many optimizer steps before it may overrule anyone
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def scaled(self, steps_per_epoch: int, epochs: int) -> "W2SConfig":
-        """The schedule for a run: warm-up lasts at least `min_warmup_steps` optimizer steps (small
-        cohorts make few steps per epoch), but never more than a third of the epochs."""
-        need = math.ceil(self.min_warmup_steps / max(1, steps_per_epoch))
-        warmup = min(max(self.warmup, need), max(self.warmup, epochs // 3))
-        return replace(self, warmup=warmup)
-
-    def ramp_at(self, epoch: int) -> float:
-        """0 before warm-up ends, then linear to 1 over `ramp` epochs."""
-        if not self.enabled or epoch < self.warmup:
-            return 0.0
-        return min(1.0, (epoch - self.warmup + 1) / max(1, self.ramp))
-
-    def feedback_on(self, epoch: int) -> bool:
-        return self.enabled and epoch >= self.warmup
+__all__ = ["W2SConfig", "distill_loss", "hardened_student", "keep_mask", "positive_logit", "student_loss",
+           "teacher_labels"]
 
 
 def positive_logit(instance_logits: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.encoder} ({sum(r.n_tiles for r in embedded)} tiles), {len(failed_embed)} failed")
 
     from mil.cli import metrics_rows
-    from mil.data import load_cohort
+    from mil.cohort import load_cohort
     from mil.heatmap import write_heatmap
     from mil.predict import predict_store
     from mil.train import TrainConfig, train_cohort

@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import make_store
 from wsi import annotations as ann
-from wsi.annotations import (AnnotationError, Region, label_store, parse_geojson,
-                             read_annotations, select_regions, tile_fractions)
+from wsi.annotations import (AnnotationError, Region, label_store, parse_geojson, read_annotations,
+                             select_regions, tile_fractions, tiles_geojson)
+from wsi.annotations import raster
 from wsi.cli import main
-from wsi.store import TileStore
+from wsi.errors import PathmilError, StoreError
+from wsi.store import SlideMeta, TileStore
 
 T = 512  # tile side, level-0 px
 
@@ -192,44 +195,60 @@ def test_empty_inputs_bounded_canvas_and_strips(monkeypatch):
     assert tile_fractions([r], grid(2, 2, origin=(10 * T, 0)), T).tolist() == [0, 0, 0, 0]  # far away
     coords = grid(7, 7, size=300)
     ref = tile_fractions([r], coords, 300)
-    monkeypatch.setattr(ann, "STRIP_PX", 500)          # many strips: the same answer
+    monkeypatch.setattr(raster, "STRIP_PX", 500)          # many strips: the same answer
     np.testing.assert_array_equal(tile_fractions([r], coords, 300), ref)
-    monkeypatch.setattr(ann, "MAX_CANVAS_PX", 5_000)   # coarser raster: still close
+    monkeypatch.setattr(raster, "MAX_CANVAS_PX", 5_000)   # coarser raster: still close
     coarse = tile_fractions([r], coords, 300)
     assert np.abs(coarse - ref).max() < 0.2 and coarse.sum() == pytest.approx(ref.sum(), rel=0.02)
 
 
+# ---- the QuPath GeoJSON writer, read back ----------------------------------------------------------
+def test_tiles_geojson_reads_back_exactly(tmp_path):
+    coords = np.array([[0, 0], [T, 0], [3 * T + 7, 2 * T + 1], [123457, 98765]], np.int64)
+    score = np.array([0.1, 0.123456, 0.99999, 0.5])
+    p = tmp_path / "s1_run.geojson"
+    p.write_text(json.dumps(tiles_geojson(coords, T, {"instance_score": score}), separators=(",", ":")))
+    assert read_annotations(p) == []                      # tiles are not annotations: never taken for labels
+    regions = read_annotations(p, object_types={"tile"})
+    assert [r.name for r in regions] == [f"tile {i}" for i in range(len(coords))]
+    for r, (x, y) in zip(regions, coords.tolist()):
+        np.testing.assert_array_equal(r.exterior, [[x, y], [x + T, y], [x + T, y + T], [x, y + T], [x, y]])
+        assert r.holes == () and not r.exclude and r.area() == T * T
+    # each tile is exactly covered by its own polygon and untouched by the others
+    assert tile_fractions(regions, coords, T).tolist() == [1, 1, 1, 1]
+    assert tile_fractions(regions[1:2], coords, T).tolist() == [0, 1, 0, 0]
+    feats = json.loads(p.read_text())["features"]
+    assert [f["properties"]["measurements"]["instance_score"] for f in feats] == [0.1, 0.1235, 1.0, 0.5]
+    assert {f["properties"]["objectType"] for f in feats} == {"tile"}
+
+
 # ---- the store -----------------------------------------------------------------------------------
-def make_store(path: Path, slides: dict[str, np.ndarray], size0: int = T) -> Path:
-    store = TileStore(path)
-    for sid, coords in slides.items():
-        store.begin_slide(sid, {"source": f"/x/{sid}.svs", "slide_mpp": 0.25, "mpp": 0.5, "patch_size": size0 // 2,
-                                "patch_size_level0": size0, "level0_size": [8 * size0, 8 * size0]})
-        store.write_slide_arrays(sid, coords, np.ones((8, 8), np.uint8), {"downsample": [size0, size0]}, None)
-        store.mark_complete(sid, n_tiles=len(coords))
+def annotated_store(path: Path, slides: dict[str, np.ndarray], size0: int = T) -> Path:
+    """Slides tiled at 0.5 µm/px from 0.25 µm/px: 256 px tiles covering `size0` level-0 px."""
+    make_store(path, {sid: {"coords": c} for sid, c in slides.items()}, tile_size=size0 // 2, size0=size0)
     return path
 
 
 def test_store_label_methods(tmp_path):
-    store = TileStore(make_store(tmp_path / "s.zarr", {"a": grid(3, 1)}))
-    assert store.labels("a", "tumor") is None and store.label_names("a") == []
-    store.write_labels("a", "tumor", [0.0, 0.6, 1.0], {"n_positive": 2})
-    store.write_labels("a", "tumor", np.array([0.0, 0.25, 1.0]), {"n_positive": 1})   # replaced
-    store.write_labels("a", "stroma", np.zeros(3), {})
-    got = store.labels("a", "tumor")
+    view = TileStore.open(annotated_store(tmp_path / "s.zarr", {"a": grid(3, 1)}))["a"]
+    assert view.labels("tumor") is None and view.label_names() == []
+    view.write_labels("tumor", [0.0, 0.6, 1.0], {"n_positive": 2})
+    view.write_labels("tumor", np.array([0.0, 0.25, 1.0]), {"n_positive": 1})   # replaced
+    view.write_labels("stroma", np.zeros(3), {})
+    got = view.labels("tumor")
     assert got.dtype == np.float32 and got.tolist() == [0, 0.25, 1]
-    assert store.label_names("a") == ["stroma", "tumor"]
-    assert TileStore(tmp_path / "s.zarr", mode="r").slide_info("a")["labels"] == ["stroma", "tumor"]
+    assert view.label_names() == ["stroma", "tumor"] and view.label_meta("tumor")["n_positive"] == 1
+    assert TileStore.open(tmp_path / "s.zarr", readonly=True)["a"].info()["labels"] == ["stroma", "tumor"]
     with pytest.raises(ValueError, match="do not match 3 tiles"):
-        store.write_labels("a", "tumor", np.zeros(4), {})
+        view.write_labels("tumor", np.zeros(4), {})
     with pytest.raises(ValueError, match="invalid label name"):
-        store.write_labels("a", "../evil", np.zeros(3), {})
+        view.write_labels("../evil", np.zeros(3), {})
 
 
 def test_label_store_matches_files_and_reports(tmp_path, caplog):
-    store_path = make_store(tmp_path / "s.zarr", {"tumor_001": grid(3, 1), "normal_001": grid(2, 2),
-                                                  "broken": grid(1, 1), "dup": grid(1, 1)})
-    TileStore(store_path).begin_slide("writing_one", {})     # never completed: skipped
+    store_path = annotated_store(tmp_path / "s.zarr", {"tumor_001": grid(3, 1), "normal_001": grid(2, 2),
+                                                       "broken": grid(1, 1), "dup": grid(1, 1)})
+    TileStore.open(store_path).begin_slide(SlideMeta("writing_one"))     # never completed: skipped
     d = tmp_path / "ann"
     d.mkdir()
     (d / "tumor_001.geojson").write_text(json.dumps(
@@ -248,24 +267,47 @@ def test_label_store_matches_files_and_reports(tmp_path, caplog):
     assert "broken.xml: not valid XML" in by["broken"].error and "2 annotation files" in by["dup"].error
     assert "1 annotation files match no slide" in caplog.text and "orphan.xml" in caplog.text
     assert "1 slides have no annotation file; labelled all negative" in caplog.text
-    store = TileStore(store_path, mode="r")
-    assert store.labels("tumor_001", "tumor").tolist() == [1, 0.5, 0]
-    assert store.labels("normal_001", "tumor").tolist() == [0, 0, 0, 0]
-    assert store.labels("broken", "tumor") is None
-    a = dict(store.slide("tumor_001")["labels"]["tumor"].attrs)
+    store = TileStore.open(store_path, readonly=True)
+    assert store["tumor_001"].labels("tumor").tolist() == [1, 0.5, 0]
+    assert store["normal_001"].labels("tumor").tolist() == [0, 0, 0, 0]
+    assert store["broken"].labels("tumor") is None
+    a = store["tumor_001"].label_meta("tumor")
     assert a["source"].endswith("tumor_001.geojson") and a["classes"] == ["Tumor"] and a["n_positive"] == 1
-    assert a["rule"] == "positive if fraction > 0.5"
-    assert dict(store.slide("normal_001")["labels"]["tumor"].attrs)["source"] is None
+    assert a["rule"] == "positive if fraction > 0.5" and a["tile_size_level0"] == T
+    assert store["normal_001"].label_meta("tumor")["source"] is None
     # --missing skip, another name, an explicit file list
     res = label_store(store_path, [d / "tumor_001.geojson"], name="t2", missing="skip", progress=False)
     assert {r.slide_id: r.status for r in res}["normal_001"] == "skipped"
-    assert TileStore(store_path, mode="r").label_names("normal_001") == ["tumor"]
+    assert TileStore.open(store_path, readonly=True)["normal_001"].label_names() == ["tumor"]
     with pytest.raises(AnnotationError, match="no such file or folder"):
         label_store(store_path, tmp_path / "nope", progress=False)
 
 
-def test_wsi_labels_cli(tmp_path, capsys, caplog):
-    store_path = make_store(tmp_path / "s.zarr", {"s1": grid(2, 1), "s2": grid(2, 1)})
+def test_label_store_needs_the_tile_size_and_an_existing_store(tmp_path):
+    # a features-only import whose h5 files gave no patch size: no tile side at level 0 to label with
+    store_path = tmp_path / "s.zarr"
+    make_store(store_path, {"imp": {"coords": grid(2, 1)}, "ok": {"coords": grid(2, 1)}}, tile_size=T // 2,
+               size0=T)
+    make_store(store_path, {"imp": {"coords": grid(2, 1)}}, kind="features-only", tile_size_level0=None,
+               patch_size=None)
+    assert TileStore.open(store_path, readonly=True)["imp"].meta.tile_size_level0 is None
+    square = [feature({"type": "Polygon", "coordinates": [sq(0, 0, T, T)]})]
+    for sid in ("imp", "ok"):
+        (tmp_path / f"{sid}.geojson").write_text(json.dumps(square))
+    res = {r.slide_id: r for r in label_store(store_path, [tmp_path / "imp.geojson", tmp_path / "ok.geojson"],
+                                              progress=False)}
+    assert res["ok"].status == "labelled" and res["ok"].n_positive == 1
+    assert res["imp"].status == "failed"
+    assert "slide 'imp' does not record its tile size at level 0; import it again" in res["imp"].error
+    assert TileStore.open(store_path, readonly=True)["imp"].labels("tumor") is None
+    # label_store only opens: a typo is an error, not a new empty store
+    with pytest.raises(StoreError, match="typo.zarr: no tile store here") as e:
+        label_store(tmp_path / "typo.zarr", tmp_path / "ok.geojson", progress=False)
+    assert isinstance(e.value, PathmilError) and not (tmp_path / "typo.zarr").exists()
+
+
+def test_wsi_labels_cli(tmp_path, capsys):
+    store_path = annotated_store(tmp_path / "s.zarr", {"s1": grid(2, 1), "s2": grid(2, 1)})
     f = tmp_path / "s1.geojson"
     f.write_text(json.dumps([feature({"type": "Polygon", "coordinates": [sq(0, 0, T, T)]}, "Tumor"),
                              feature({"type": "Polygon", "coordinates": [sq(T, 0, 2 * T, T)]}, "Stroma")]))
@@ -277,8 +319,10 @@ def test_wsi_labels_cli(tmp_path, capsys, caplog):
     assert main(["-q", "labels", str(store_path), "--annotations", str(f), "--name", "all", "--json"]) == 0
     assert {r["slide_id"]: r["n_positive"] for r in json.loads(capsys.readouterr().out)} == {"s1": 2, "s2": 0}
     assert main(["-q", "labels", str(tmp_path / "none.zarr"), "--annotations", str(f)]) == 2
-    assert "no tile store here" in caplog.text and not (tmp_path / "none.zarr").exists()
+    err = capsys.readouterr().err
+    assert "none.zarr: no tile store here" in err and err.count("\n") == 1 and not (tmp_path / "none.zarr").exists()
     assert main(["-q", "labels", str(store_path), "--annotations", str(tmp_path / "missing")]) == 2
+    assert "missing: no such file or folder" in capsys.readouterr().err
 
 
 # ---- a synthetic cohort, end to end --------------------------------------------------------------
@@ -288,15 +332,16 @@ def test_synth_cohort_labels_follow_the_geojson(tmp_path, synth_cohort):
                  "--workers", "1", "--patch-size", "128"]) == 0
     assert main(["-q", "labels", str(store_path), "--annotations", str(synth_cohort / "annotations"),
                  "--no-progress"]) == 0
-    store = TileStore(store_path, mode="r")
+    store = TileStore.open(store_path, readonly=True)
     truth = dict(line.split(",") for line in (synth_cohort / "labels.csv").read_text().split()[1:])
     for sid, label in truth.items():
-        lab = store.labels(sid, "tumor")
-        assert lab is not None and lab.shape == (store.coords(sid).shape[0],)
+        view = store[sid]
+        lab = view.labels("tumor")
+        assert lab is not None and lab.shape == (view.n_tiles,)
         if label == "normal":
             assert not lab.any()
             continue
         regions = read_annotations(synth_cohort / "annotations" / f"{sid}.geojson")
-        size = store.slide(sid).attrs["patch_size_level0"]
+        size = view.meta.tile_size_level0
         assert (lab > 0.5).sum() > 0
-        np.testing.assert_allclose(lab, oracle(regions, store.coords(sid), size, k=32), atol=0.06)
+        np.testing.assert_allclose(lab, oracle(regions, view.coords, size, k=32), atol=0.06)

@@ -18,8 +18,10 @@ import pytest
 h5py = pytest.importorskip("h5py", reason="wsi.interop needs h5py")
 torch = pytest.importorskip("torch")
 
-from wsi.interop import detect_layout, export_h5, import_h5  # noqa: E402
-from wsi.store import TileStore  # noqa: E402
+from wsi.errors import PathmilError  # noqa: E402
+from wsi.h5 import H5Error, detect_layout, read_h5_bag  # noqa: E402
+from wsi.interop import export_h5, import_h5  # noqa: E402
+from wsi.store import StoreError, TileStore  # noqa: E402
 
 SLIDES = ["TCGA-A1.slide-1", "case_2", "case3"]
 DIM = 24
@@ -133,21 +135,29 @@ def test_import_clam(tmp_path):
     truth = make_clam(tmp_path / "clam")
     res = import_h5(tmp_path / "clam", tmp_path / "s.zarr", "resnet50_trunc", progress=False)
     assert [(r.slide_id, r.status) for r in res] == [(s, "imported") for s in sorted(SLIDES)]
-    store = TileStore(tmp_path / "s.zarr", mode="r")
+    store = TileStore.open(tmp_path / "s.zarr", readonly=True)
     for sid, (feats, coords) in truth.items():
         assert r_n(res, sid) == len(coords)
-        assert store.coords(sid).dtype == np.int32
-        np.testing.assert_array_equal(store.coords(sid), coords)
-        np.testing.assert_array_equal(store.features(sid, "resnet50_trunc"), feats)
-        a = dict(store.slide(sid).attrs)
-        assert a["status"] == "complete" and a["imported_from"] == "clam" and a["tiles_stored"] is False
-        assert a["source"] == str((tmp_path / "clam" / "h5_files" / f"{sid}.h5").resolve())
-        assert a["patch_size"] == 256 and a["patch_size_level0"] == 1024   # 256 px at level 1, downsample 4
-        assert a["mpp"] is None and "mpp_approximate" not in a
-        info = store.slide_info(sid)
+        view = store[sid]
+        assert view.coords.dtype == np.int64
+        np.testing.assert_array_equal(view.coords, coords)
+        np.testing.assert_array_equal(view.features("resnet50_trunc"), feats)
+        m = view.meta
+        assert m.status == "complete" and m.kind == "features-only" and m.tiles_stored is False
+        assert m.provenance["imported_from"] == "clam"
+        assert m.provenance["h5_coords_attrs"] == {"patch_level": 1, "downsample": [4.0, 4.0]}
+        assert m.source == str((tmp_path / "clam" / "h5_files" / f"{sid}.h5").resolve())
+        assert m.patch_size == 256 and m.tile_size_level0 == 1024   # 256 px at level 1, downsample 4
+        assert m.target_mpp is None and m.slide_mpp is None and m.mpp_approximate is False
+        assert m.width is None and m.height is None                 # CLAM does not record it: never guessed
+        assert m.n_tiles == len(coords)
+        info = view.info()
         assert info["features"] == ["resnet50_trunc"] and info["n_tiles"] == len(coords) and not info["tiles"]
-        fa = dict(store.slide(sid)["features"]["resnet50_trunc"].attrs)
+        fa = view.feature_meta("resnet50_trunc")
         assert fa["imported_from"] == "clam" and fa["source"].endswith(f"{sid}.h5") and fa["complete"]
+        assert fa["dim"] == DIM and fa["h5_dtype"] == "float32"
+        with pytest.raises(StoreError, match="imported with features only, so its pixels were never stored"):
+            view.read_tiles([0])
 
 
 def r_n(results, sid):
@@ -158,11 +168,12 @@ def test_import_clam_without_patches_and_given_mpp(tmp_path):
     truth = make_clam(tmp_path / "clam")
     shutil.rmtree(tmp_path / "clam" / "patches")
     import_h5(tmp_path / "clam", tmp_path / "s.zarr", "r50", mpp=0.5, progress=False)
-    store = TileStore(tmp_path / "s.zarr", mode="r")
-    a = dict(store.slide(SLIDES[0]).attrs)
-    assert a["mpp"] == 0.5 and "mpp_approximate" not in a
-    assert a["patch_size"] is None and a["patch_size_level0"] is None       # unknown without patches/
-    np.testing.assert_array_equal(store.features(SLIDES[0], "r50"), truth[SLIDES[0]][0])
+    view = TileStore.open(tmp_path / "s.zarr", readonly=True)[SLIDES[0]]
+    m = view.meta
+    assert m.target_mpp == 0.5 and m.mpp_approximate is False
+    assert m.slide_mpp is None                                          # not derived from the target
+    assert m.patch_size is None and m.tile_size_level0 is None          # unknown without patches/
+    np.testing.assert_array_equal(view.features("r50"), truth[SLIDES[0]][0])
 
 
 @pytest.mark.parametrize("where", ["job", "coords_dir", "features_dir"])
@@ -172,28 +183,29 @@ def test_import_trident(tmp_path, where):
             "features_dir": tmp_path / "job" / "20x_256px_0px_overlap" / "features_uni_v1"}[where]
     res = import_h5(root, tmp_path / "s.zarr", "uni", progress=False)
     assert sorted((r.slide_id, r.status) for r in res) == sorted((s, "imported") for s in truth)
-    store = TileStore(tmp_path / "s.zarr", mode="r")
+    store = TileStore.open(tmp_path / "s.zarr", readonly=True)
     for sid, (feats, coords) in truth.items():
-        np.testing.assert_array_equal(store.coords(sid), coords)
-        np.testing.assert_array_equal(store.features(sid, "uni"), feats)
-        a = dict(store.slide(sid).attrs)
-        assert a["imported_from"] == "trident"
-        assert a["mpp"] == pytest.approx(0.5) and a["mpp_approximate"] is True   # 10 / target_magnification
-        assert a["patch_size"] == 256 and a["patch_size_level0"] == 512
-        assert a["overlap"] == 0 and a["level0_size"] == [30000, 20000]
-        fa = dict(store.slide(sid)["features"]["uni"].attrs)
+        view = store[sid]
+        np.testing.assert_array_equal(view.coords, coords)
+        np.testing.assert_array_equal(view.features("uni"), feats)
+        m = view.meta
+        assert m.kind == "features-only" and m.provenance["imported_from"] == "trident"
+        assert m.provenance["h5_coords_attrs"] == {"target_magnification": 20, "level0_magnification": 40}
+        assert m.target_mpp == pytest.approx(0.5) and m.mpp_approximate is True   # 10 / target_magnification
+        assert m.patch_size == 256 and m.tile_size_level0 == 512
+        assert m.overlap == 0 and (m.width, m.height) == (30000, 20000)
+        fa = view.feature_meta("uni")
         assert fa["original_encoder"] == "uni_v1" and fa["imported_from"] == "trident"
-        assert store.slide_info(sid)["features"] == ["uni"]
+        assert view.feature_names() == ["uni"]
 
 
 def test_import_trident_given_mpp_and_float16(tmp_path):
     truth = make_trident(tmp_path / "job", dtype=np.float16)
     import_h5(tmp_path / "job", tmp_path / "s.zarr", "uni_v1", mpp=0.48, progress=False)
-    store = TileStore(tmp_path / "s.zarr", mode="r")
+    view = TileStore.open(tmp_path / "s.zarr", readonly=True)[SLIDES[0]]
     sid = SLIDES[0]
-    a = dict(store.slide(sid).attrs)
-    assert a["mpp"] == 0.48 and "mpp_approximate" not in a
-    got = store.features(sid, "uni_v1")
+    assert view.meta.target_mpp == 0.48 and view.meta.mpp_approximate is False
+    got = view.features("uni_v1")
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, truth[sid][0].astype(np.float32))
 
@@ -204,8 +216,8 @@ def test_trident_with_several_encoders_picks_the_named_one(tmp_path):
     with pytest.raises(ValueError, match="2 TRIDENT feature folders.*none named features_resnet"):
         import_h5(tmp_path / "job", tmp_path / "s.zarr", "resnet", progress=False)
     import_h5(tmp_path / "job", tmp_path / "s.zarr", "conch_v15", progress=False)
-    store = TileStore(tmp_path / "s.zarr", mode="r")
-    np.testing.assert_array_equal(store.features(SLIDES[0], "conch_v15"), conch[SLIDES[0]][0])
+    store = TileStore.open(tmp_path / "s.zarr", readonly=True)
+    np.testing.assert_array_equal(store[SLIDES[0]].features("conch_v15"), conch[SLIDES[0]][0])
 
 
 def test_reimport_skips_complete_features(tmp_path):
@@ -219,8 +231,8 @@ def test_reimport_skips_complete_features(tmp_path):
     # a second encoder on the same slides: the coords match, so only features are added
     other = import_h5(tmp_path / "clam", tmp_path / "s.zarr", "r50_copy", progress=False)
     assert {r.status for r in other} == {"imported"}
-    store = TileStore(tmp_path / "s.zarr", mode="r")
-    assert store.slide_info(SLIDES[0])["features"] == ["r50", "r50_copy"]
+    store = TileStore.open(tmp_path / "s.zarr", readonly=True)
+    assert store[SLIDES[0]].feature_names() == ["r50", "r50_copy"]
 
 
 def test_bad_files_are_reported_and_the_rest_imported(tmp_path, caplog):
@@ -249,10 +261,10 @@ def test_bad_files_are_reported_and_the_rest_imported(tmp_path, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
     for name in ("truncated.h5", "not_h5.h5", "mismatch.h5", "nofeats.h5", "bad name.h5"):
         assert name in logged
-    store = TileStore(tmp_path / "s.zarr", mode="r")
+    store = TileStore.open(tmp_path / "s.zarr", readonly=True)
     assert store.slide_ids() == sorted(SLIDES)           # nothing half-written for the bad ones
     for sid, (feats, _) in truth.items():
-        np.testing.assert_array_equal(store.features(sid, "r50"), feats)
+        np.testing.assert_array_equal(store[sid].features("r50"), feats)
 
 
 def test_coords_that_differ_from_a_complete_slide_fail_that_slide(tmp_path):
@@ -269,9 +281,9 @@ def test_coords_that_differ_from_a_complete_slide_fail_that_slide(tmp_path):
     assert "coords differ" in by[SLIDES[0]].error and "new store" in by[SLIDES[0]].error
     assert {s: r.status for s, r in by.items() if s != SLIDES[0]} == {SLIDES[1]: "imported", SLIDES[2]: "imported",
                                                                        "new_slide": "imported"}
-    store = TileStore(tmp_path / "s.zarr", mode="r")
-    np.testing.assert_array_equal(store.coords(SLIDES[0]), truth[SLIDES[0]][1])   # untouched
-    assert store.slide_info(SLIDES[0])["features"] == ["r50"]
+    store = TileStore.open(tmp_path / "s.zarr", readonly=True)
+    np.testing.assert_array_equal(store[SLIDES[0]].coords, truth[SLIDES[0]][1])   # untouched
+    assert store[SLIDES[0]].feature_names() == ["r50"]
     # a different number of tiles says so too
     make_clam(tmp_path / "c", slides=["x", "y", SLIDES[0]])
     res = import_h5(tmp_path / "c", tmp_path / "s.zarr", "r50", overwrite=True, progress=False)
@@ -282,19 +294,19 @@ def test_coords_that_differ_from_a_complete_slide_fail_that_slide(tmp_path):
 # ---- export and round trip -----------------------------------------------------------------------------
 def _tiled_store(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A store as `wsi tile` + `wsi embed` leave it (0.25 µm/px slides tiled at 0.5, 256 px)."""
-    store = TileStore(path)
+    from wsi.store import SlideMeta
+
+    store = TileStore.create(path)
     truth = {}
     for i, sid in enumerate(["s1", "s2", "s3"]):
         coords = _grid(20 + i, 512, 30 + i).astype(np.int32)
-        store.begin_slide(sid, {"source": f"/data/{sid}.svs", "slide_mpp": 0.25, "level0_size": [40000, 30000],
-                                "mpp": 0.5, "patch_size": 256, "overlap": 0, "patch_size_level0": 512})
-        store.write_slide_arrays(sid, coords, np.ones((4, 4), np.uint8), {"downsample": [32.0, 32.0]}, None)
-        store.mark_complete(sid, n_tiles=len(coords))
+        view = store.add_slide(sid, coords, source=f"/data/{sid}.svs", slide_mpp=0.25, target_mpp=0.5,
+                               patch_size=256, width=40000, height=30000)
         if sid != "s3":
             feats = _rng(sid).standard_normal((len(coords), DIM)).astype(np.float32)
-            store.write_features(sid, "uni_v1", feats, {"dim": DIM})
+            view.write_features("uni_v1", feats, {"dim": DIM})
             truth[sid] = (feats, coords)
-    store.begin_slide("s4", {})   # never completed: not exported, not warned about
+    store.begin_slide(SlideMeta("s4"))   # never completed: not exported, not warned about
     return truth
 
 
@@ -333,17 +345,79 @@ def test_round_trip_store_export_import(tmp_path):
     assert detect_layout(tmp_path / "out") == "clam"
     res = import_h5(tmp_path / "out", tmp_path / "fresh.zarr", "uni_v1", progress=False)
     assert {r.status for r in res} == {"imported"}
-    src, dst = TileStore(tmp_path / "s.zarr", mode="r"), TileStore(tmp_path / "fresh.zarr", mode="r")
+    src = TileStore.open(tmp_path / "s.zarr", readonly=True)
+    dst = TileStore.open(tmp_path / "fresh.zarr", readonly=True)
     assert dst.slide_ids() == sorted(truth)
     for sid in truth:
-        np.testing.assert_array_equal(dst.coords(sid), src.coords(sid))
-        np.testing.assert_array_equal(dst.features(sid, "uni_v1"), src.features(sid, "uni_v1"))
-        a = dict(dst.slide(sid).attrs)
-        assert (a["patch_size"], a["patch_size_level0"], a["mpp"], a["slide_mpp"]) == (256, 512, 0.5, 0.25)
-        assert "mpp_approximate" not in a and a["level0_size"] == [40000, 30000]
+        a, b = src[sid], dst[sid]
+        np.testing.assert_array_equal(b.coords, a.coords)
+        np.testing.assert_array_equal(b.features("uni_v1"), a.features("uni_v1"))
+        m = b.meta
+        assert (m.patch_size, m.tile_size_level0, m.target_mpp, m.slide_mpp) == (256, 512, 0.5, 0.25)
+        assert m.mpp_approximate is False and (m.width, m.height) == (40000, 30000)
     # and back into the store it came from: coords match, features already there -> skipped
     again = import_h5(tmp_path / "out", tmp_path / "s.zarr", "uni_v1", progress=False)
     assert {r.status for r in again} == {"skipped"}
+
+
+@pytest.mark.parametrize("meta", [
+    dict(target_mpp=0.5, slide_mpp=0.25, patch_size=256, tile_size_level0=512, width=40000, height=30000, overlap=0),
+    dict(target_mpp=1.0, slide_mpp=0.2425, patch_size=224, tile_size_level0=924, width=98304, height=71168,
+         overlap=32),
+])
+def test_export_import_round_trip_keeps_slide_meta(tmp_path, meta):
+    """export-h5 then import-h5: every SlideMeta field the h5 attributes can carry comes back equal."""
+    coords = _grid(12, 1024, 7).astype(np.int32)
+    feats = _rng("meta").standard_normal((len(coords), DIM)).astype(np.float32)
+    src = TileStore.create(tmp_path / "s.zarr")
+    src.add_slide("s1", coords, source="/data/s1.svs", **meta).write_features("uni_v1", feats, {})
+    export_h5(tmp_path / "s.zarr", "uni_v1", tmp_path / "out", progress=False)
+    import_h5(tmp_path / "out", tmp_path / "b.zarr", "uni_v1", progress=False)
+    a, b = src["s1"].meta, TileStore.open(tmp_path / "b.zarr", readonly=True)["s1"].meta
+    for field in ("target_mpp", "slide_mpp", "patch_size", "tile_size_level0", "width", "height", "overlap",
+                  "mpp_approximate"):
+        assert getattr(b, field) == pytest.approx(getattr(a, field)), field
+    assert b.target_mpp == meta["target_mpp"] and b.overlap == meta["overlap"]
+    assert b.kind == "features-only" and a.kind == "tiled"
+    assert b.source == str((tmp_path / "out" / "h5_files" / "s1.h5").resolve())
+
+
+def test_import_refuses_a_path_that_is_not_a_store_and_creates_nothing(tmp_path):
+    make_clam(tmp_path / "clam")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("mine")
+    with pytest.raises(StoreError, match="notes: exists and is not a tile store") as e:
+        import_h5(tmp_path / "clam", other, "r50", progress=False)
+    assert isinstance(e.value, PathmilError) and "\n" not in str(e.value)
+    assert sorted(p.name for p in other.iterdir()) == ["a.txt"]
+    # a folder that is neither layout fails before any store is made
+    with pytest.raises(H5Error, match="nope: not a folder") as e:
+        import_h5(tmp_path / "nope", tmp_path / "new.zarr", "r50", progress=False)
+    assert isinstance(e.value, PathmilError) and not (tmp_path / "new.zarr").exists()
+    # a new path is made into a store (the way to make a features-only store)
+    res = import_h5(tmp_path / "clam", tmp_path / "new.zarr", "r50", progress=False)
+    assert {r.status for r in res} == {"imported"}
+    assert len(TileStore.open(tmp_path / "new.zarr", readonly=True)) == len(SLIDES)
+
+
+def test_export_needs_an_existing_store(tmp_path):
+    with pytest.raises(StoreError, match="no tile store here"):
+        export_h5(tmp_path / "typo.zarr", "uni_v1", tmp_path / "out", progress=False)
+    assert not (tmp_path / "typo.zarr").exists() and not (tmp_path / "out").exists()
+
+
+def test_read_h5_bag_names_a_bad_file(tmp_path):
+    truth = make_clam(tmp_path / "clam", slides=["a"])
+    feats, coords = read_h5_bag(tmp_path / "clam" / "h5_files" / "a.h5")
+    np.testing.assert_array_equal(feats, truth["a"][0])
+    np.testing.assert_array_equal(coords, truth["a"][1])
+    assert feats.dtype == np.float32 and coords.dtype == np.int64
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(H5Error, match=r"bad.h5: cannot open as HDF5.*re-extract its features") as e:
+        read_h5_bag(bad)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, PathmilError)
 
 
 def test_trident_round_trip_keeps_approximate_mpp(tmp_path):
@@ -351,19 +425,20 @@ def test_trident_round_trip_keeps_approximate_mpp(tmp_path):
     import_h5(tmp_path / "job", tmp_path / "a.zarr", "uni_v1", progress=False)
     export_h5(tmp_path / "a.zarr", "uni_v1", tmp_path / "out", progress=False)
     import_h5(tmp_path / "out", tmp_path / "b.zarr", "uni_v1", progress=False)
-    b = TileStore(tmp_path / "b.zarr", mode="r")
+    b = TileStore.open(tmp_path / "b.zarr", readonly=True)
     for sid, (feats, coords) in truth.items():
-        np.testing.assert_array_equal(b.features(sid, "uni_v1"), feats)
-        np.testing.assert_array_equal(b.coords(sid), coords)
-        a = dict(b.slide(sid).attrs)
-        assert a["mpp"] == pytest.approx(0.5) and a["mpp_approximate"] is True and a["patch_size_level0"] == 512
-        assert dict(b.slide(sid)["features"]["uni_v1"].attrs)["original_encoder"] == "uni_v1"
+        view = b[sid]
+        np.testing.assert_array_equal(view.features("uni_v1"), feats)
+        np.testing.assert_array_equal(view.coords, coords)
+        m = view.meta
+        assert m.target_mpp == pytest.approx(0.5) and m.mpp_approximate is True and m.tile_size_level0 == 512
+        assert view.feature_meta("uni_v1")["original_encoder"] == "uni_v1"
     with h5py.File(tmp_path / "out" / "h5_files" / f"{SLIDES[0]}.h5", "r") as f:
         assert f["coords"].attrs["level0_magnification"] == pytest.approx(40.0)
 
 
 def test_export_with_nothing_to_export(tmp_path, caplog):
-    TileStore(tmp_path / "s.zarr")
+    TileStore.create(tmp_path / "s.zarr")
     with caplog.at_level(logging.WARNING, logger="wsi.interop"):
         assert export_h5(tmp_path / "s.zarr", "uni_v1", tmp_path / "out", progress=False) == []
     assert "nothing to export" in caplog.text
@@ -380,8 +455,8 @@ def test_clam_without_mpp_exports_legacy_attrs_only(tmp_path):
     assert (a["patch_size"], a["patch_level"], a["custom_downsample"], a["patch_size_level0"]) == (256, 0, 4.0, 1024)
     res = import_h5(tmp_path / "out", tmp_path / "b.zarr", "r50", progress=False)
     assert {r.status for r in res} == {"imported"}
-    a = dict(TileStore(tmp_path / "b.zarr", mode="r").slide(SLIDES[0]).attrs)
-    assert (a["patch_size"], a["patch_size_level0"], a["mpp"]) == (256, 1024, None)
+    m = TileStore.open(tmp_path / "b.zarr", readonly=True)[SLIDES[0]].meta
+    assert (m.patch_size, m.tile_size_level0, m.target_mpp) == (256, 1024, None)
 
 
 def test_trident_file_still_locked_is_not_imported(tmp_path):
@@ -391,6 +466,20 @@ def test_trident_file_still_locked_is_not_imported(tmp_path):
     res = {r.slide_id: r for r in import_h5(tmp_path / "job", tmp_path / "s.zarr", "uni", progress=False)}
     assert res[SLIDES[0]].status == "imported"
     assert res[SLIDES[1]].status == "failed" and "locked" in res[SLIDES[1]].error
+
+
+def test_cli_import_into_a_folder_that_is_not_a_store(tmp_path, capsys):
+    """`wsi import-h5 DIR --store NOT_A_STORE`: one line on stderr, exit 2, the folder untouched."""
+    from wsi.cli import main
+
+    make_clam(tmp_path / "clam")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("mine")
+    assert main(["-q", "import-h5", str(tmp_path / "clam"), "--store", str(other), "--encoder", "r50"]) == 2
+    err = capsys.readouterr().err
+    assert "notes: exists and is not a tile store" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in other.iterdir()) == ["a.txt"]
 
 
 def test_cli_round_trip_and_embed_refuses_imported(tmp_path, cmu_slide):
@@ -411,8 +500,11 @@ def test_cli_round_trip_and_embed_refuses_imported(tmp_path, cmu_slide):
     dst = tmp_path / "dst.zarr"
     r = cli("import-h5", tmp_path / "clam", "--store", dst, "--encoder", "effnet")
     assert r.returncode == 0 and "1 imported" in r.stdout, r.stderr
-    a, b = TileStore(src, mode="r"), TileStore(dst, mode="r")
-    np.testing.assert_array_equal(a.coords("cmu_small_region"), b.coords("cmu_small_region"))
-    np.testing.assert_array_equal(a.features("cmu_small_region", "efficientnet-lite0"), b.features("cmu_small_region", "effnet"))
+    a = TileStore.open(src, readonly=True)["cmu_small_region"]
+    b = TileStore.open(dst, readonly=True)["cmu_small_region"]
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_array_equal(a.features("efficientnet-lite0"), b.features("effnet"))
+    for field in ("target_mpp", "slide_mpp", "patch_size", "tile_size_level0", "width", "height", "overlap"):
+        assert getattr(b.meta, field) == getattr(a.meta, field), field
     r = cli("embed", dst, "--encoder", "efficientnet-lite0", "--no-progress")
     assert r.returncode == 1 and "no tile pixels to embed" in r.stdout + r.stderr

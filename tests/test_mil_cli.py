@@ -16,18 +16,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def toy_store(tmp_path_factory):
-    """A store with 20 slides of toy features (no slide files), tile labels, a labels CSV."""
+    """A store with 32 slides of toy features (their slide files do not exist), tile labels, a labels CSV."""
     root = tmp_path_factory.mktemp("milcli")
-    store = TileStore(root / "toy.zarr")
+    store = TileStore.create(root / "toy.zarr")
     bags = separable_bags(32, seed=1)
     for b in bags:
-        coords = (np.arange(len(b.features))[:, None] * np.array([[512, 0]])).astype(np.int32)
-        store.begin_slide(b.slide_id, {"mpp": 0.5, "patch_size": 256, "patch_size_level0": 512, "slide_mpp": 0.25,
-                                       "width": 512 * len(b.features), "height": 512, "source": "/nonexistent.svs"})
-        store.write_slide_arrays(b.slide_id, coords, np.zeros((4, 4), np.uint8), {"downsample": [128, 128]}, None)
-        store.write_features(b.slide_id, "toy", b.features, {})
-        store.write_labels(b.slide_id, "tumor", b.instance_labels, {})
-        store.mark_complete(b.slide_id)
+        coords = np.arange(len(b.features))[:, None] * np.array([[512, 0]])
+        view = store.add_slide(b.slide_id, coords, target_mpp=0.5, slide_mpp=0.25, patch_size=256,
+                               tile_size_level0=512, width=512 * len(b.features), height=512,
+                               source="/nonexistent.svs")
+        view.write_features("toy", b.features, {})
+        view.write_labels("tumor", b.instance_labels, {})
     labels = root / "labels.csv"
     labels.write_text("slide_id,label\n" + "".join(f"{b.slide_id},{'tumor' if b.label else 'normal'}\n" for b in bags)
                       + "ghost_slide,tumor\n")
@@ -51,8 +50,8 @@ def test_train_predict_heatmap_from_a_store(toy_store, capsys, caplog):
     assert "ghost_slide" in caplog.text                      # listed in one warning, not a crash
 
     assert main(["-q", "predict", "--store", str(root / "toy.zarr"), "--run", str(run)]) == 0
-    store = TileStore(root / "toy.zarr", mode="r")
-    arrays, attrs = store.predictions(bags[0].slide_id, "run")
+    store = TileStore.open(root / "toy.zarr", readonly=True)
+    arrays, attrs = store[bags[0].slide_id].predictions("run")
     assert arrays["instance_score"].shape == (len(bags[0].features),)
     assert abs(float(np.mean(arrays["attention"])) - 1) < 1e-3 or arrays["attention"].min() >= 0
     assert attrs["positive_class"] == "tumor" and abs(sum(attrs["bag_probs"]) - 1) < 1e-5
@@ -83,12 +82,78 @@ def test_train_from_a_clam_h5_folder(tmp_path, capsys):
     assert m["model"] == "dsmil" and m["positive_class"] == "1" and m["instance_auc"] is None
 
 
-def test_clear_errors(tmp_path, caplog):
-    assert main(["train", "--labels", "x.csv", "--encoder", "e", "--out", str(tmp_path / "r")]) == 2
-    assert "exactly one of --store" in caplog.text
-    assert main(["train", "--store", str(tmp_path / "missing.zarr"), "--labels", str(tmp_path / "x.csv"),
-                 "--encoder", "e", "--out", str(tmp_path / "r")]) == 2
-    assert main(["predict", "--store", str(tmp_path / "s.zarr"), "--run", str(tmp_path / "norun")]) == 2
+def test_clear_errors(tmp_path, capsys):
+    def error(argv) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mil: error: ") and "\n" not in err and "Traceback" not in err, err
+        return err
+
+    msg = error(["train", "--labels", "x.csv", "--encoder", "e", "--out", str(tmp_path / "r")])
+    assert msg == "mil: error: give exactly one of --store STORE or --h5-dir DIR"
+    msg = error(["train", "--store", str(tmp_path / "missing.zarr"), "--labels", str(tmp_path / "x.csv"),
+                 "--encoder", "e", "--out", str(tmp_path / "r")])
+    assert "x.csv: no such labels CSV" in msg
+    (tmp_path / "x.csv").write_text("slide_id,label\na,x\n")
+    msg = error(["train", "--store", str(tmp_path / "missing.zarr"), "--labels", str(tmp_path / "x.csv"),
+                 "--encoder", "e", "--out", str(tmp_path / "r")])
+    assert f"{tmp_path / 'missing.zarr'}: no tile store here" in msg and not (tmp_path / "missing.zarr").exists()
+    assert "no tile store here" in error(["predict", "--store", str(tmp_path / "s.zarr"),
+                                          "--run", str(tmp_path / "norun")])
+    assert not (tmp_path / "s.zarr").exists()
+    assert "no tile store here" in error(["heatmap", "--store", str(tmp_path / "s.zarr"), "--run", "r", "--slide", "a",
+                                          "--out", str(tmp_path / "maps")])
+
+
+def test_epochs_zero_is_refused_before_loading_anything(tmp_path, capsys):
+    # refused from the options alone: the labels CSV and the store named here do not exist
+    assert main(["train", "--store", str(tmp_path / "s.zarr"), "--labels", str(tmp_path / "l.csv"), "--encoder", "e",
+                 "--epochs", "0", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == "mil: error: --epochs 0: must be at least 1"
+    assert main(["train", "--store", "s", "--labels", "l", "--encoder", "e", "--w2s-alpha", "3",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "--w2s-alpha 3.0: must be a weight in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as e:                            # argparse: usage error, exit 2
+        main(["train", "--store", "s", "--labels", "l", "--encoder", "e", "--model-kwargs", "{bad", "--out", "r"])
+    assert e.value.code == 2 and "--model-kwargs: not JSON" in capsys.readouterr().err
+
+
+def test_heatmap_of_run_dot_from_inside_the_run_folder(toy_store, tmp_path, monkeypatch, capsys):
+    """`mil heatmap --run .` names the predictions after the folder `.` is, as `mil predict --run .` does."""
+    root, bags = toy_store
+    run = tmp_path / "dotrun"
+    assert main(["-q", "train", "--store", str(root / "toy.zarr"), "--labels", str(root / "labels.csv"),
+                 "--encoder", "toy", "--model-kwargs", '{"hidden": 16, "attn_hidden": 8}', "--folds", "2",
+                 "--epochs", "1", "--min-epochs", "0", "--out", str(run)]) == 0
+    monkeypatch.chdir(run)
+    assert main(["-q", "predict", "--store", str(root / "toy.zarr"), "--run", ".", "--slides", bags[1].slide_id]) == 0
+    assert "dotrun" in TileStore.open(root / "toy.zarr", readonly=True)[bags[1].slide_id].prediction_names()
+    capsys.readouterr()
+    assert main(["-q", "heatmap", "--store", str(root / "toy.zarr"), "--run", ".", "--slide", bags[1].slide_id,
+                 "--out", "maps"]) == 0
+    assert sorted(p.name for p in (run / "maps").iterdir()) == [
+        f"{bags[1].slide_id}_dotrun.geojson", f"{bags[1].slide_id}_dotrun_attention.png",
+        f"{bags[1].slide_id}_dotrun_instance.png"]
+
+
+def test_train_options_are_the_config_dataclasses():
+    """Every TrainConfig / W2SConfig field is an option of `mil train` with the dataclass's default."""
+    import dataclasses
+
+    from mil.cli import build_parser
+    from mil.config import TrainConfig, W2SConfig
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    by_dest = {a.dest: a for a in train._actions}
+    want = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig) if f.name != "w2s"}
+    want |= {f"w2s_{f.name}": getattr(TrainConfig().w2s, f.name) for f in dataclasses.fields(W2SConfig)}
+    assert set(want) <= set(by_dest), set(want) - set(by_dest)
+    assert {k: by_dest[k].default for k in want} == want
+    assert by_dest["w2s_alpha_max"].option_strings == ["--w2s-alpha"]
+    assert by_dest["w2s_enabled"].option_strings == ["--w2s"] and by_dest["w2s_enabled"].default is False
+    help_text = train.format_help()
+    assert "one of abmil, clam-sb, dsmil, transmil" in " ".join(help_text.split())   # from the registry
 
 
 def test_models_lists_the_registry(capsys):

@@ -11,7 +11,7 @@ from mil.checkpoint import RunError, load_run, save_config, save_fold_model
 from mil.heatmap import BAR_PX, TITLE_PX, write_heatmap
 from mil.models import create_model
 from mil.predict import predict_bag, predict_store
-from wsi.store import StoreError, TileStore, file_fingerprint
+from wsi.store import SlideMeta, StoreError, TileStore, file_fingerprint
 
 DIM, W, H, SLIDE_MPP, PS, PS0 = 16, 768, 512, 0.5, 64, 128
 SMALL = {"hidden": 32, "attn_hidden": 16}
@@ -32,20 +32,21 @@ def tissue_png(path):
 
 
 def add_slide(store, sid, source, *, n=None, dim=DIM, features=True, complete=True, seed=0):
-    """A slide with the attributes `wsi tile` writes (pipeline.tile_slide), a tile grid and toy features."""
+    """A slide as `wsi tile` records it (no stored tiles: pixels come from `source`), a tile grid and toy
+    features; `complete=False` leaves it "writing"."""
     grid = np.array([(x, y) for y in range(0, H - PS0 + 1, PS0) for x in range(0, W - PS0 + 1, PS0)], np.int32)
     coords = grid[:n] if n else grid
-    attrs = {"source": str(source), "fingerprint": file_fingerprint(source) if source.exists() else "gone",
-             "slide_mpp": SLIDE_MPP, "slide_mpp_source": "given", "level0_size": [W, H], "vendor": "image",
-             "mpp": 1.0, "patch_size": PS, "overlap": 0, "min_tissue": 0.25, "tiles_stored": False,
-             "patch_size_level0": PS0, "read_level": 0, "read_size": PS0, "tissue_params": {}}
-    store.begin_slide(sid, attrs)
-    store.write_slide_arrays(sid, coords, np.ones((H // 16, W // 16), np.uint8), {"downsample": [16, 16]}, None)
+    meta = dict(source=str(source), fingerprint=file_fingerprint(source) if source.exists() else "gone",
+                slide_mpp=SLIDE_MPP, target_mpp=1.0, patch_size=PS, tile_size_level0=PS0, width=W, height=H,
+                min_tissue=0.25)
+    if complete:
+        view = store.add_slide(sid, coords, **meta)
+    else:
+        view = store.begin_slide(SlideMeta(sid, **meta))
+        view.write_arrays(coords)
     if features:
         rng = np.random.default_rng(seed)
-        store.write_features(sid, "toy", rng.standard_normal((len(coords), dim)).astype(np.float32), {"dim": dim})
-    if complete:
-        store.mark_complete(sid, n_tiles=len(coords), seconds=0.1, read_method="coords-only")
+        view.write_features("toy", rng.standard_normal((len(coords), dim)).astype(np.float32), {"dim": dim})
     return coords
 
 
@@ -75,7 +76,7 @@ def setup(tmp_path_factory):
     a 2-fold run, and predictions of that run."""
     root = tmp_path_factory.mktemp("milpred")
     png = tissue_png(root / "slide.png")
-    store = TileStore(root / "s.zarr")
+    store = TileStore.create(root / "s.zarr")
     coords = {"s1": add_slide(store, "s1", png, seed=1), "s2": add_slide(store, "s2", png, n=10, seed=2),
               "gone": add_slide(store, "gone", root / "moved_away.png", n=7, seed=3)}
     add_slide(store, "nofeat", png, features=False)
@@ -144,7 +145,7 @@ def test_predict_store_rows_and_arrays(setup):
         r = rows[sid]
         n = len(setup["coords"][sid])
         assert r["status"] == "predicted" and r["n_tiles"] == n and r["error"] is None
-        arrays, attrs = store.predictions(sid, "run1")
+        arrays, attrs = store[sid].predictions("run1")
         assert set(arrays) == {"instance_score", "attention"}
         assert all(a.shape == (n,) and a.dtype == np.float32 for a in arrays.values())
         assert abs(float(arrays["attention"].mean()) - 1) < 1e-5 and arrays["attention"].min() >= 0
@@ -157,19 +158,19 @@ def test_predict_store_rows_and_arrays(setup):
         assert attrs["class_names"] == ["normal", "tumor"] and attrs["created"]
         assert r["bag_prob_positive"] == pytest.approx(attrs["bag_probs"][1])
         assert r["predicted_class"] == attrs["predicted_class"]
-    assert store.prediction_names("s1") == ["run1"] and store.slide_info("s1")["predictions"] == ["run1"]
-    assert store.slide_info("nofeat")["predictions"] == []
+    assert store["s1"].prediction_names() == ["run1"] and store["s1"].info()["predictions"] == ["run1"]
+    assert store["nofeat"].info()["predictions"] == []
 
 
 def test_predictions_match_a_direct_forward_averaged_over_folds(setup):
     store, models = setup["store"], setup["models"]
-    x = torch.from_numpy(store.features("s1", "toy"))
+    x = torch.from_numpy(store["s1"].features("toy"))
     with torch.no_grad():
         outs = [m(x[None]) for m in models]
     bag = torch.stack([o.bag_logits[0].softmax(-1) for o in outs]).mean(0).numpy()
     inst = torch.stack([o.instance_logits[0].softmax(-1)[:, 1] for o in outs]).mean(0).numpy()
     att = torch.stack([o.attention[0] * len(x) for o in outs]).mean(0).numpy()
-    arrays, attrs = store.predictions("s1", "run1")
+    arrays, attrs = store["s1"].predictions("run1")
     np.testing.assert_allclose(attrs["bag_probs"], bag, atol=1e-6)
     np.testing.assert_allclose(arrays["instance_score"], inst, atol=1e-6)
     np.testing.assert_allclose(arrays["attention"], att, atol=1e-5)
@@ -192,10 +193,10 @@ def test_chosen_slides_name_and_skips(setup, tmp_path):
     rows = predict_store(setup["store"], setup["run"], slides=["s2", "ghost", "unfinished"], name="other.run",
                          progress=False)
     by = {r["slide_id"]: r for r in rows}
-    assert by["s2"]["status"] == "predicted" and setup["store"].prediction_names("s2") == ["other.run", "run1"]
+    assert by["s2"]["status"] == "predicted" and setup["store"]["s2"].prediction_names() == ["other.run", "run1"]
     assert by["ghost"]["status"] == "skipped" and "not in the store" in by["ghost"]["error"]
     assert by["unfinished"]["status"] == "skipped" and "'writing'" in by["unfinished"]["error"]
-    with pytest.raises(ValueError, match="prediction name '../x'"):
+    with pytest.raises(RunError, match="prediction name '../x'"):
         predict_store(setup["store"], setup["run"], name="../x", progress=False)
     with pytest.raises(RunError, match="not a mil run.*mil train"):
         predict_store(setup["store"], tmp_path / "no_run", progress=False)
@@ -205,18 +206,18 @@ def test_chosen_slides_name_and_skips(setup, tmp_path):
 
 
 def test_feature_dim_mismatch_is_a_clear_per_slide_failure(setup, tmp_path):
-    store = TileStore(tmp_path / "d.zarr")
+    store = TileStore.create(tmp_path / "d.zarr")
     add_slide(store, "wide", setup["root"] / "slide.png", dim=DIM * 2)
     add_slide(store, "ok", setup["root"] / "slide.png", n=5)
     rows = {r["slide_id"]: r for r in predict_store(store, setup["run"], progress=False)}
     assert rows["wide"]["status"] == "failed"
     assert "32-d" in rows["wide"]["error"] and "16-d" in rows["wide"]["error"] and "encoder" in rows["wide"]["error"]
-    assert rows["ok"]["status"] == "predicted" and store.prediction_names("wide") == []
+    assert rows["ok"]["status"] == "predicted" and store["wide"].prediction_names() == []
 
 
 def test_missing_predictions_error_names_store_slide_run_and_command(setup):
     with pytest.raises(StoreError) as e:
-        setup["store"].predictions("nofeat", "run1")
+        setup["store"]["nofeat"].predictions("run1")
     msg = str(e.value)
     assert str(setup["root"] / "s.zarr") in msg and "'nofeat'" in msg and "'run1'" in msg and "mil predict" in msg
 
@@ -241,7 +242,7 @@ def test_heatmap_pngs_and_geojson(setup, tmp_path):
     assert not np.array_equal(inst, att)
 
     gj = json.loads(paths[2].read_text())
-    arrays, _ = store.predictions("s1", "run1")
+    arrays, _ = store["s1"].predictions("run1")
     coords = setup["coords"]["s1"]
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(coords)
     for i, (f, (x, y)) in enumerate(zip(gj["features"], coords.tolist())):
@@ -275,3 +276,58 @@ def test_heatmap_without_the_slide_file_warns_and_draws_on_white(setup, tmp_path
 def test_heatmap_of_missing_predictions(setup, tmp_path):
     with pytest.raises(StoreError, match="no predictions 'nope'.*mil predict"):
         write_heatmap(setup["store"], "s1", tmp_path, run="nope")
+
+
+def test_predict_into_a_missing_store_creates_nothing(setup, tmp_path):
+    with pytest.raises(StoreError, match=f"{tmp_path / 'typo.zarr'}: no tile store here"):
+        predict_store(tmp_path / "typo.zarr", setup["run"], progress=False)
+    assert not (tmp_path / "typo.zarr").exists()
+
+
+def test_heatmap_draws_stored_tiles_when_the_slide_file_is_gone(tmp_path, caplog):
+    """No slide file, but tiles in the store: the background is their mosaic, not a blank canvas."""
+    store = TileStore.create(tmp_path / "s.zarr")
+    grid = np.array([(x, y) for y in range(0, H - PS0 + 1, PS0) for x in range(0, W - PS0 + 1, PS0)], np.int32)
+    tiles = np.zeros((len(grid), PS, PS, 3), np.uint8)
+    tiles[..., 2] = 200                                               # blue tiles
+    view = store.add_slide("t", grid, tiles=tiles, tile_codec="lossless", source=str(tmp_path / "gone.png"),
+                           slide_mpp=SLIDE_MPP, target_mpp=1.0, width=W, height=H)
+    view.write_predictions("r", {"instance_score": np.zeros(len(grid)), "attention": np.ones(len(grid))},
+                           {"class_names": ["a", "b"], "bag_probs": [0.5, 0.5], "positive_class": "b"})
+    with caplog.at_level(logging.WARNING, logger="mil.heatmap"):
+        write_heatmap(store, "t", tmp_path / "maps", run="r", max_side=300)
+    assert "blank canvas" not in caplog.text
+    img = _png(tmp_path / "maps" / "t_r_instance.png")[TITLE_PX + 5:TITLE_PX + 195, 5:295].astype(int)
+    # blue tiles (0, 0, 200) under turbo(0) at alpha 0.5: red ~24; a white canvas would give red ~152
+    assert (img[..., 0] < 60).mean() > 0.95 and (img[..., 2] > 100).mean() > 0.95
+
+
+def test_allocator_tuning_is_scoped_to_the_predict_call(setup, monkeypatch):
+    import wsi.runtime
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(wsi.runtime, "_libc", lambda: FakeLibc())
+    import mil.models.base as base
+
+    monkeypatch.setattr(base, "INSTANCE_CHUNK", 4)                   # chunked forward: no switch flipped
+    setup["models"][0].predict_bag(torch.randn(30, DIM))
+    assert calls == []
+    predict_store(setup["store"], setup["run"], slides=["s2"], name="scoped", progress=False)
+    assert calls[0] == ("mallopt", -3, 1 << 20) and calls[1:] == [("mallopt", -3, 128 * 1024), ("trim", 0)]
+
+
+def test_heatmap_of_an_import_without_tile_size_says_why(tmp_path):
+    store = TileStore.create(tmp_path / "s.zarr")
+    view = store.add_slide("imp", np.array([[0, 0], [256, 0]]), kind="features-only")
+    view.write_predictions("r", {"instance_score": np.zeros(2), "attention": np.ones(2)}, {})
+    with pytest.raises(StoreError, match="'imp' records no tile size at level 0.*wsi import-h5 --overwrite"):
+        write_heatmap(tmp_path / "s.zarr", "imp", tmp_path / "maps", run="r")
+    assert not (tmp_path / "maps").exists()

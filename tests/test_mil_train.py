@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from mil.data import Bag, Cohort, Split
-from mil.train import TrainConfig, train_cohort, train_fold
-from mil.w2s import W2SConfig
+from conftest import make_store
+from mil.cohort import Bag, Cohort, load_cohort
+from mil.config import TrainConfig, W2SConfig
+from mil.splits import Split
+from mil.train import train_cohort, train_fold
+from wsi.errors import RunError
 
 DIM = 16
 SMALL = {"abmil": {"hidden": 32, "attn_hidden": 16}, "clam-sb": {"hidden": 32, "attn_hidden": 16, "k_sample": 4},
@@ -80,9 +83,14 @@ def test_run_folder_metrics_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "train_fold", lambda *a, **k: pytest.fail("fold trained again"))
     assert train_cohort(c, cfg, run, instance_labels="tumor", progress=False)["bag_auc"] == m["bag_auc"]
-    # Other settings into the same folder: refused.
-    with pytest.raises(ValueError, match="other settings"):
+    # Other settings into the same folder: refused, naming what differs.
+    with pytest.raises(RunError, match=r"other settings \(model, model_kwargs, w2s.enabled, .*, batch_size, .*epochs, "
+                                       r".*instance_labels differ\); choose a new --out"):
         train_cohort(c, TrainConfig(model="dsmil", folds=3), run, progress=False)
+    # Other data (one slide's features, or one label) into the same folder: refused too.
+    c.bags[3].features = c.bags[3].features + 0.5
+    with pytest.raises(RunError, match="other data .*features, coords or labels of some slides"):
+        train_cohort(c, cfg, run, instance_labels="tumor", progress=False)
 
 
 def test_same_seed_same_result():
@@ -100,7 +108,7 @@ def test_w2s_needs_a_binary_task(tmp_path):
     for i, b in enumerate(bags):
         b.label = i % 3
     c = Cohort(bags=bags, class_names=["a", "b", "c"], positive_class=None, encoder="toy", source="test")
-    with pytest.raises(ValueError, match="binary"):
+    with pytest.raises(RunError, match="binary"):
         train_cohort(c, TrainConfig(w2s=W2SConfig(enabled=True)), tmp_path / "r", progress=False)
 
 
@@ -113,3 +121,120 @@ def test_multiclass_trains_without_instance_metrics(tmp_path):
     m = train_cohort(c, TrainConfig(model_kwargs=SMALL["abmil"], epochs=2, folds=2, min_epochs=1, device="cpu"),
                      tmp_path / "r", progress=False)
     assert m["instance_auc"] is None and m["bag_auc"] is not None and not (tmp_path / "r" / "roc.png").exists()
+
+
+# ---- settings no run can use, and folds that cannot pick a best epoch --------------------------------
+@pytest.mark.parametrize("kw,match", [
+    ({"epochs": 0}, "--epochs 0: must be at least 1"),
+    ({"batch_size": 0}, "--batch-size 0: must be at least 1"),
+    ({"lr": 0.0}, "--lr 0.0: must be a positive number"),
+    ({"val_fraction": 1.0}, r"--val-fraction 1.0: must be in \[0, 1\)"),
+    ({"max_instances": 0}, "--max-instances 0"),
+    ({"w2s": {"alpha_max": 2.0}}, r"--w2s-alpha 2.0: must be a weight in \[0, 1\]"),
+])
+def test_unusable_settings_are_refused_up_front(kw, match):
+    if "w2s" in kw:
+        with pytest.raises(RunError, match=match):
+            W2SConfig(**kw["w2s"])
+        return
+    with pytest.raises(RunError, match=match):
+        TrainConfig(**kw)
+
+
+def test_epochs_mutated_to_zero_is_refused_before_training():
+    cfg = TrainConfig(device="cpu")
+    cfg.epochs = 0
+    split = Split(0, train=list(range(16)), val=list(range(16, 18)), test=list(range(18, 24)))
+    with pytest.raises(RunError, match="--epochs 0"):
+        train_fold(cohort(), split, cfg, progress=False)
+
+
+def test_all_nan_validation_loss_is_one_clear_error():
+    bags = separable_bags(24)
+    for b in bags:
+        b.features[0, 0] = np.nan                      # one broken tile per slide poisons every bag
+    split = Split(3, train=list(range(16)), val=list(range(16, 18)), test=list(range(18, 24)))
+    cfg = TrainConfig(model_kwargs=SMALL["abmil"], epochs=3, min_epochs=0, patience=2, device="cpu")
+    with pytest.raises(RunError) as e:
+        train_fold(cohort(bags), split, cfg, progress=False)
+    msg = str(e.value)
+    assert msg.startswith("fold 3: no epoch gave a finite validation loss (last: nan, nan)") and "\n" not in msg
+    assert "lower the learning rate (--lr, now 0.0002)" in msg
+    assert "re-embed the 18 of the fold's 18 training and validation slides whose features hold NaN" in msg
+
+
+def test_diverging_training_is_one_clear_error():
+    split = Split(0, train=list(range(16)), val=list(range(16, 18)), test=list(range(18, 24)))
+    cfg = TrainConfig(model_kwargs=SMALL["abmil"], epochs=3, min_epochs=0, device="cpu", lr=1e30)
+    with pytest.raises(RunError, match="fold 0: no epoch gave a finite validation loss.*--lr, now 1e.30.*"
+                                       "or check the features"):
+        train_fold(cohort(), split, cfg, progress=False)
+
+
+def test_deterministic_algorithms_only_inside_training():
+    torch.use_deterministic_algorithms(False)
+    seen = []
+    import mil.train as train_mod
+
+    real = train_mod.train_epoch
+
+    def spy(*a, **k):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*a, **k)
+
+    split = Split(0, train=list(range(16)), val=list(range(16, 18)), test=list(range(18, 24)))
+    cfg = TrainConfig(model_kwargs=SMALL["abmil"], epochs=2, min_epochs=0, device="cpu")
+    try:
+        train_mod.train_epoch = spy
+        train_fold(cohort(), split, cfg, progress=False)
+    finally:
+        train_mod.train_epoch = real
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+
+
+# ---- resume on other data ------------------------------------------------------------------------------
+@pytest.fixture()
+def labelled_store(tmp_path):
+    bags = separable_bags(16, seed=5)
+    store = make_store(tmp_path / "s.zarr", {b.slide_id: {"coords": b.coords} for b in bags},
+                       features={"toy": {b.slide_id: b.features for b in bags}})
+    csv = tmp_path / "labels.csv"
+    csv.write_text("slide_id,label\n" + "".join(f"{b.slide_id},{'tumor' if b.label else 'normal'}\n" for b in bags))
+    return store, csv, bags
+
+
+def test_resume_refuses_a_changed_labels_csv_or_feature_source(labelled_store, tmp_path, monkeypatch):
+    store, csv, bags = labelled_store
+    cfg = TrainConfig(model_kwargs=SMALL["abmil"], epochs=2, min_epochs=0, folds=2, device="cpu")
+    load = lambda path=store.path: load_cohort(csv, store=path, encoder="toy", progress=False)  # noqa: E731
+    run = tmp_path / "run"
+    first = train_cohort(load(), cfg, run, progress=False)
+    data = json.loads((run / "config.json").read_text())["data"]
+    assert data["labels_csv"] == str(csv.resolve()) and len(data["labels_sha256"]) == 64
+    assert data["features"]["kind"] == "store" and data["features"]["encoder"] == "toy"
+    assert data["features"]["path"] == str(store.path.resolve()) and data["features"]["slides"] == 16
+
+    import mil.train as train_mod
+
+    monkeypatch.setattr(train_mod, "train_fold", lambda *a, **k: pytest.fail("fold trained again"))
+    assert train_cohort(load(), cfg, run, progress=False)["bag_auc"] == first["bag_auc"]   # same data: resumed
+
+    text = csv.read_text()
+    csv.write_text(text.replace("s00,normal", "s00,tumor"))                # one label changed
+    with pytest.raises(RunError, match=f"{run}: holds a run trained on other data \\(labels CSV {csv} changed"):
+        train_cohort(load(), cfg, run, progress=False)
+    csv.write_text(text + "not_embedded,tumor\n")                          # a row without features: still the CSV
+    with pytest.raises(RunError, match="labels CSV .* changed since the run began"):
+        train_cohort(load(), cfg, run, progress=False)
+    csv.write_text(text)
+
+    store["s03"].write_features("toy", bags[3].features * 2, {})           # one slide re-embedded
+    with pytest.raises(RunError, match="some slides in store .*s.zarr \\(encoder 'toy'\\) changed"):
+        train_cohort(load(), cfg, run, progress=False)
+    store["s03"].write_features("toy", bags[3].features, {})
+    assert train_cohort(load(), cfg, run, progress=False)["bag_auc"] == first["bag_auc"]
+
+    other = make_store(tmp_path / "other.zarr", {b.slide_id: {"coords": b.coords} for b in bags},
+                       features={"toy": {b.slide_id: b.features for b in bags}})
+    with pytest.raises(RunError, match="features were from store .*s.zarr .*now from store .*other.zarr"):
+        train_cohort(load(other.path), cfg, run, progress=False)

@@ -1,51 +1,50 @@
 """`wsi`: tile slides into a store, inspect it, label its tiles, make synthetic cohorts.
 
 Every command is a thin layer over the Python API (`wsi.pipeline`, `wsi.store`, `wsi.synthetic`).
-Imports are deferred to the command that needs them, so `wsi info` and `wsi tile --no-tiles`
-start fast.
+The options of `wsi tile` and `wsi embed` are made from their config dataclasses (TilingConfig,
+TissueParams, EmbedConfig), so each default is written once. Heavy imports (torch, openslide, zarr)
+are deferred to the command that needs them, so `wsi info` starts fast.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from .cli_common import command_parser, format_table, run_command
+from .cli_common import (add_config_options, command_parser, config_from_args, format_table, positive_float,
+                         run_command)
 
-log = logging.getLogger("wsi")
+# EmbedConfig's field metadata gives the help texts; these are the options whose text differs from it:
+# the flag that turns `pretrained` off, and the registry listing (made when the parser is built).
+EMBED_HELP = {"pretrained": "random weights (testing and benchmarks only)"}
+EMBED_NAMES = {"pretrained": "--random-weights"}
 
 
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {s}")
-    return v
+@contextmanager
+def _user_errors():
+    """A ValueError raised on the user's arguments (a name, a number) is a user error: one line, exit 2."""
+    from .errors import PathmilError
+
+    try:
+        yield
+    except PathmilError:
+        raise
+    except ValueError as e:
+        raise PathmilError(str(e)) from e
 
 
 def _cmd_tile(a: argparse.Namespace) -> int:
-    from .cohort import CohortError, resolve_sources
+    from .cohort import resolve_sources
     from .pipeline import TilingConfig, results_json, results_table, tile_cohort
     from .tissue import TissueParams
 
-    try:
-        sources = resolve_sources(a.slides, a.slide_mpp)
-    except CohortError as e:
-        log.error("%s", e)
-        return 2
-    cfg = TilingConfig(target_mpp=a.mpp, patch_size=a.patch_size, overlap=a.overlap, min_tissue=a.min_tissue,
-                       save_tiles=not a.no_tiles, fast_read=not a.no_fast_read,
-                       tissue=TissueParams(min_area_um2=a.min_area_um2, max_hole_um2=a.max_hole_um2))
-    from .store import StoreError
-
-    try:
-        results = tile_cohort(sources, a.store, cfg, workers=a.workers, overwrite=a.overwrite, viz_dir=a.viz,
-                              progress=not a.quiet and not a.no_progress)
-    except StoreError as e:
-        log.error("%s", e)
-        return 2
+    sources = resolve_sources(a.slides, a.slide_mpp)
+    cfg = config_from_args(TilingConfig, a, tissue=config_from_args(TissueParams, a))
+    results = tile_cohort(sources, a.store, cfg, workers=a.workers, overwrite=a.overwrite, viz_dir=a.viz,
+                          progress=not a.quiet and not a.no_progress)
     if a.json:
         print(json.dumps(results_json(results), indent=1))
     else:
@@ -53,29 +52,30 @@ def _cmd_tile(a: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
-def _cmd_info(a: argparse.Namespace) -> int:
-    from .store import StoreError, TileStore
+INFO_JSON_KEYS = ("id", "status", "kind", "n_tiles", "mpp", "patch_size", "slide_mpp", "tile_codec", "source",
+                  "features", "labels", "predictions")
 
-    try:
-        store = TileStore(a.store, mode="r")
-    except StoreError as e:
-        log.error("%s", e)
-        return 2
-    slides = store.info()
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    from .store import TileStore
+
+    slides = TileStore.open(a.store, readonly=True).info()   # a damaged slide: status "damaged" and why
     if a.json:
-        keep = ("id", "status", "n_tiles", "mpp", "patch_size", "slide_mpp", "source", "features", "labels",
-                "predictions")
-        print(json.dumps({"store": str(a.store), "slides": [{k: s[k] for k in keep} | ({"error": s["error"]} if s["error"] else {})
-                                                          for s in slides]}, indent=1))
+        print(json.dumps({"store": str(a.store), "slides": [
+            {k: s.get(k, [] if k in ("features", "labels", "predictions") else None) for k in INFO_JSON_KEYS}
+            | ({"error": s["error"]} if s.get("error") else {}) for s in slides]}, indent=1))
         return 0
-    rows = [("slide", "status", "tiles", "µm/px", "patch", "slide µm/px", "features", "source")]
+    rows = [("slide", "status", "kind", "tiles", "µm/px", "patch", "slide µm/px", "codec", "features", "source")]
     for s in slides:
-        rows.append((s["id"], s["status"] or "?", str(s["n_tiles"]), str(s["mpp"] or "-"), str(s["patch_size"] or "-"),
-                     f"{s['slide_mpp']:.3f}" if s["slide_mpp"] else "-", ",".join(s["features"]) or "-",
-                     s["error"] or s["source"] or "-"))
+        rows.append((s["id"], s["status"] or "?", s.get("kind") or "-", str(s["n_tiles"]), str(s.get("mpp") or "-"),
+                     str(s.get("patch_size") or "-"), f"{s['slide_mpp']:.3f}" if s.get("slide_mpp") else "-",
+                     s.get("tile_codec") or "-", ",".join(s.get("features") or []) or "-",
+                     s.get("error") or s.get("source") or "-"))
     print(format_table(rows))
     n = sum(s["status"] == "complete" for s in slides)
-    print(f"{len(slides)} slides, {n} complete, {sum(s['n_tiles'] for s in slides if s['status'] == 'complete')} tiles")
+    damaged = sum(s["status"] == "damaged" for s in slides)
+    print(f"{len(slides)} slides, {n} complete, " + (f"{damaged} damaged (`wsi tile` redoes them), " if damaged else "")
+          + f"{sum(s['n_tiles'] for s in slides if s['status'] == 'complete')} tiles")
     return 0
 
 
@@ -93,18 +93,19 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def _require_store(path) -> None:
+    """A command that reads or adds to a store needs an existing one: a typo never creates a store."""
+    from .store import TileStore
+
+    TileStore.open(path, readonly=True)
+
+
 def _cmd_embed(a: argparse.Namespace) -> int:
     from .embed import EmbedConfig, embed_store, results_json
-    from .encoders import EncoderError
-    from .store import StoreError
 
-    cfg = EmbedConfig(encoder=a.encoder, weights=a.weights, pretrained=not a.random_weights, batch_size=a.batch_size,
-                      num_workers=a.num_workers, device=a.device, precision=a.precision, overwrite=a.overwrite)
-    try:
-        results = embed_store(a.store, cfg, a.slides, progress=not a.quiet and not a.no_progress)
-    except (EncoderError, StoreError) as e:
-        log.error("%s", e)
-        return 2
+    _require_store(a.store)
+    cfg = config_from_args(EmbedConfig, a)
+    results = embed_store(a.store, cfg, a.slides, progress=not a.quiet and not a.no_progress)
     if a.json:
         print(json.dumps(results_json(results), indent=1))
     else:
@@ -119,11 +120,8 @@ def _cmd_embed(a: argparse.Namespace) -> int:
 def _cmd_import_h5(a: argparse.Namespace) -> int:
     from .interop import import_h5
 
-    try:
+    with _user_errors():  # imports may start a new store, like `wsi tile`
         results = import_h5(a.dir, a.store, a.encoder, mpp=a.mpp, overwrite=a.overwrite, progress=not a.quiet)
-    except ValueError as e:
-        log.error("%s", e)
-        return 2
     for r in results:
         print(f"{r.slide_id}\t{r.status}\t{r.n}\t{r.error or ''}".rstrip())
     n = {k: sum(r.status == k for r in results) for k in ("imported", "skipped", "failed")}
@@ -133,13 +131,10 @@ def _cmd_import_h5(a: argparse.Namespace) -> int:
 
 def _cmd_export_h5(a: argparse.Namespace) -> int:
     from .interop import export_h5
-    from .store import StoreError
 
-    try:
+    _require_store(a.store)
+    with _user_errors():
         results = export_h5(a.store, a.encoder, a.out, progress=not a.quiet)
-    except (StoreError, ValueError) as e:
-        log.error("%s", e)
-        return 2
     ok = sum(r.status == "exported" for r in results)
     print(f"{ok} slides exported to {a.out / 'h5_files'} and {a.out / 'pt_files'}, "
           f"{len(results) - ok} failed")
@@ -147,16 +142,13 @@ def _cmd_export_h5(a: argparse.Namespace) -> int:
 
 
 def _cmd_labels(a: argparse.Namespace) -> int:
-    from .annotations import AnnotationError, label_store, results_json, results_table
-    from .store import StoreError
+    from .annotations import label_store, results_json, results_table
 
+    _require_store(a.store)
     classes = [c.strip() for c in a.classes.split(",") if c.strip()] if a.classes else None
-    try:
+    with _user_errors():
         results = label_store(a.store, a.annotations, name=a.name, classes=classes, missing=a.missing,
                               progress=not a.quiet and not a.no_progress)
-    except (AnnotationError, StoreError, ValueError) as e:
-        log.error("%s", e)
-        return 2
     print(json.dumps(results_json(results), indent=1) if a.json else results_table(results))
     return 1 if any(r.status == "failed" for r in results) else 0
 
@@ -175,7 +167,24 @@ def _cmd_encoders(a: argparse.Namespace) -> int:
     return 0
 
 
+def _encoder_names() -> str:
+    """The registry's names, for help texts. A broken encoder module must not break every command
+    (`wsi info`, `wsi tile`): its error then shows here and again when `wsi embed` builds an encoder."""
+    try:
+        from .encoders import list_encoders
+
+        return ", ".join(spec.name for spec in list_encoders())
+    except Exception as e:  # noqa: BLE001 - any import error of a family module
+        return f"the registered names (the registry failed to load: {type(e).__name__}: {e})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .embed import EmbedConfig
+    from .pipeline import TilingConfig
+    from .runtime import PRECISIONS
+    from .store import parse_tile_codec
+    from .tissue import TissueParams
+
     p, sub = command_parser("wsi", "Whole-slide images into a Zarr tile store.")
 
     t = sub.add_parser("tile", help="segment tissue and tile slides into a store",
@@ -183,16 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "slides are skipped on a re-run; failed ones are reported and retried.")
     t.add_argument("slides", nargs="+", help="slide files, folders of slides, or a cohort CSV (path[,slide_id][,mpp])")
     t.add_argument("--store", required=True, help="the tile store (a .zarr folder; created if missing)")
-    t.add_argument("--mpp", type=_positive_float, default=0.5, help="target resolution in µm/px (default 0.5 ≈ 20×)")
-    t.add_argument("--patch-size", type=int, default=256, help="tile side in px at the target resolution (default 256)")
-    t.add_argument("--overlap", type=int, default=0, help="overlap between tiles in px at the target resolution")
-    t.add_argument("--min-tissue", type=float, default=0.25, help="keep tiles with at least this tissue fraction")
-    t.add_argument("--slide-mpp", type=_positive_float, default=None,
+    add_config_options(t, TilingConfig, names={"target_mpp": "--mpp", "save_tiles": "--no-tiles"},
+                       types={"target_mpp": positive_float, "tile_codec": parse_tile_codec})
+    add_config_options(t, TissueParams, only=("min_area_um2", "max_hole_um2"))
+    t.add_argument("--slide-mpp", type=positive_float, default=None,
                    help="level-0 µm/px of slides whose metadata has none (a CSV 'mpp' column wins)")
-    t.add_argument("--min-area-um2", type=float, default=20_000.0, help="drop tissue pieces smaller than this")
-    t.add_argument("--max-hole-um2", type=float, default=20_000.0, help="fill holes in tissue smaller than this")
-    t.add_argument("--no-tiles", action="store_true", help="store coordinates only, not tile pixels")
-    t.add_argument("--no-fast-read", action="store_true", help="always read through openslide (no direct JPEG tile decoding)")
     t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tile-reading processes")
     t.add_argument("--overwrite", action="store_true", help="redo slides that are already complete")
     t.add_argument("--viz", type=Path, default=None, help="write a PNG overview per slide into this folder")
@@ -201,24 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_tile)
 
     i = sub.add_parser("info", help="what a store holds")
-    i.add_argument("store")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("store", help="an existing tile store")
+    i.add_argument("--json", action="store_true", help="print the slides as JSON")
     i.set_defaults(func=_cmd_info)
 
     e = sub.add_parser("embed", help="features for every tile of a store, with any encoder",
                        description="Write slides/<id>/features/<encoder>. Slides already embedded are skipped; "
                                    "under torchrun each rank takes its own slides.")
-    e.add_argument("store")
-    e.add_argument("--encoder", required=True, help="a name from `wsi encoders`, or timm:/hf-hub:/open_clip:/local:")
-    e.add_argument("--weights", default=None, help="local .safetensors weights instead of the hub")
-    e.add_argument("--random-weights", action="store_true", help="random weights (testing and benchmarks only)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--num-workers", type=int, default=None,
-                   help="DataLoader processes reading tiles (default: 0 on CPU, 4 on a GPU)")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    e.add_argument("store", help="an existing tile store (made by `wsi tile`)")
+    add_config_options(e, EmbedConfig, names=EMBED_NAMES, choices={"precision": PRECISIONS},
+                       help={**EMBED_HELP, "encoder": f"one of {_encoder_names()} (see `wsi encoders`), or "
+                             "timm:<arch>, hf-hub:<repo>, open_clip:<arch>[@<pretrained>], local:<dir>"})
     e.add_argument("--slides", nargs="+", default=None, help="only these slide ids")
-    e.add_argument("--overwrite", action="store_true", help="embed again even if features exist")
     e.add_argument("--json", action="store_true")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_embed)
@@ -231,14 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Reads CLAM (h5_files/) or TRIDENT (features_<enc>/) output, detected, into "
                                     "slides/<id>/coords and features/<encoder>.")
     im.add_argument("dir", type=Path)
-    im.add_argument("--store", required=True)
+    im.add_argument("--store", required=True, help="the tile store (a .zarr folder; created if missing)")
     im.add_argument("--encoder", required=True, help="the name the features get in the store")
-    im.add_argument("--mpp", type=_positive_float, default=None, help="target µm/px of the patches, if known")
+    im.add_argument("--mpp", type=positive_float, default=None, help="target µm/px of the patches, if known")
     im.add_argument("--overwrite", action="store_true")
     im.set_defaults(func=_cmd_import_h5)
 
     ex = sub.add_parser("export-h5", help="a store's features as CLAM h5_files/ and pt_files/")
-    ex.add_argument("store")
+    ex.add_argument("store", help="an existing tile store")
     ex.add_argument("--encoder", required=True)
     ex.add_argument("--out", type=Path, required=True)
     ex.set_defaults(func=_cmd_export_h5)
@@ -247,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write slides/<id>/labels/<name>: the fraction of each tile inside the "
                                     "annotated regions (positive if > 0.5). Files match slides by name "
                                     "(<slide_id>.geojson / .xml); slides without one are all negative.")
-    lb.add_argument("store")
+    lb.add_argument("store", help="an existing tile store")
     lb.add_argument("--annotations", nargs="+", required=True, type=Path,
                     help="annotation files or folders of them (.geojson, .json, .xml)")
     lb.add_argument("--name", default="tumor", help="the label's name in the store (default tumor)")
@@ -267,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--width", type=int, default=None, help="level-0 width in px (default: make_cohort's)")
     s.add_argument("--height", type=int, default=None, help="level-0 height in px (default: make_cohort's)")
-    s.add_argument("--slide-mpp", type=_positive_float, default=None, help="level-0 µm/px (default: make_cohort's, ≈ 40×)")
+    s.add_argument("--slide-mpp", type=positive_float, default=None, help="level-0 µm/px (default: make_cohort's, ≈ 40×)")
     s.add_argument("--tile-size", type=int, default=None, help="JPEG tile side in px (default: make_cohort's)")
     s.add_argument("--positive-fraction", type=float, default=0.5)
     s.add_argument("--workers", type=int, default=1)

@@ -5,8 +5,11 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CohortError
 from .slide import SLIDE_SUFFIXES
 from .store import slide_id_from_path, validate_slide_id
+
+__all__ = ["CohortError", "SlideSource", "read_cohort_csv", "resolve_sources"]
 
 
 @dataclass(frozen=True)
@@ -14,10 +17,6 @@ class SlideSource:
     path: Path
     slide_id: str
     mpp: float | None = None   # overrides the slide's metadata
-
-
-class CohortError(ValueError):
-    """The list of slides itself is wrong (unreadable CSV, duplicate ids, nothing found)."""
 
 
 def read_cohort_csv(path: Path) -> list[SlideSource]:

@@ -15,28 +15,46 @@ from pathlib import Path
 import numpy as np
 
 from .cohort import SlideSource
-from .slide import SlideError, open_slide
-from .store import COMPLETE, TILE_CHUNK, TileStore, file_fingerprint
+from .errors import PathmilError, SlideError, StoreError
+from .slide import open_slide
+from .store import COMPLETE, DEFAULT_TILE_CODEC, TILE_CHUNK, SlideMeta, TileStore, file_fingerprint, parse_tile_codec
 from .tiling import TileGeometry, TileReader, plan_tiles, tile_geometry
 from .tissue import TissueParams, segment_tissue
 
 log = logging.getLogger(__name__)
 
 
+def _doc(help: str, off_help: str | None = None) -> dict:
+    """Field metadata: the help text of its `wsi tile` option (see wsi.cli_common.add_config_options)."""
+    return {"help": help, **({"off_help": off_help} if off_help else {})}
+
+
 @dataclass(frozen=True)
 class TilingConfig:
-    target_mpp: float = 0.5
-    patch_size: int = 256
-    overlap: int = 0
-    min_tissue: float = 0.25
-    save_tiles: bool = True
-    fast_read: bool = True
+    """How `wsi tile` tiles a slide; the command's options are made from these fields."""
+
+    target_mpp: float = field(default=0.5, metadata=_doc("target resolution in µm/px (0.5 ≈ 20×)"))
+    patch_size: int = field(default=256, metadata=_doc("tile side in px at the target resolution"))
+    overlap: int = field(default=0, metadata=_doc("overlap between tiles in px at the target resolution"))
+    min_tissue: float = field(default=0.25, metadata=_doc("keep tiles with at least this tissue fraction"))
+    save_tiles: bool = field(default=True, metadata=_doc(
+        "store tile pixels", "store coordinates only, not tile pixels (tiles are then read through the slide file)"))
+    fast_read: bool = field(default=True, metadata=_doc(
+        "decode tiled JPEG levels directly where the geometry allows",
+        "always read through openslide (no direct JPEG tile decoding)"))
+    tile_codec: str = field(default=DEFAULT_TILE_CODEC, metadata=_doc(
+        "how stored tiles are compressed: jpeg, jpeg-QUALITY (1-100) or lossless (zstd, ~1.2x)"))
     tissue: TissueParams = field(default_factory=TissueParams)
 
-    def store_attrs(self) -> dict:
-        """The settings that define a store's tiles; a complete slide tiled otherwise is not reused."""
-        return {"mpp": self.target_mpp, "patch_size": self.patch_size, "overlap": self.overlap,
-                "min_tissue": self.min_tissue, "tiles_stored": self.save_tiles}
+    def __post_init__(self):
+        object.__setattr__(self, "tile_codec", parse_tile_codec(self.tile_codec))
+
+    def settings(self) -> dict:
+        """The settings that define a store's tiles (SlideMeta fields); a complete slide tiled otherwise
+        is not reused."""
+        return {"target_mpp": self.target_mpp, "patch_size": self.patch_size, "overlap": self.overlap,
+                "min_tissue": self.min_tissue, "tiles_stored": self.save_tiles,
+                "tile_codec": self.tile_codec if self.save_tiles else None}
 
 
 @dataclass
@@ -52,19 +70,17 @@ class SlideResult:
     slide_mpp: float | None = None
 
 
-# ---- worker side: one slide handle and one zarr array per process, reused across chunks ---------
+# ---- worker side: one slide handle and one slide view per process, reused across chunks -----------
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 def _worker_state(key: tuple):
     if key not in _CACHE:
-        import zarr
-
-        path, mpp, geom, fast, tiles_path = key
+        path, mpp, geom, fast, store_path, slide_id = key
         slide = open_slide(path, mpp)
-        _CACHE[key] = (slide, TileReader(slide, geom, fast), zarr.open_array(tiles_path, mode="r+"))
+        _CACHE[key] = (slide, TileReader(slide, geom, fast), TileStore.open(store_path)[slide_id])
         while len(_CACHE) > 2:  # the previous slide's handles, kept only while its last chunks finish
-            _, (s, r, _a) = _CACHE.popitem(last=False)
+            _, (s, r, _v) = _CACHE.popitem(last=False)
             r.close()
             s.close()
     return _CACHE[key]
@@ -73,8 +89,8 @@ def _worker_state(key: tuple):
 def _fill_chunk(task: tuple) -> int:
     """Read the tiles of one store chunk and write them; returns how many."""
     key, start, coords = task
-    _, reader, arr = _worker_state(key)
-    arr[start:start + len(coords)] = reader.read_many(coords)
+    _, reader, view = _worker_state(key)
+    view.write_tiles(start, reader.read_many(coords))
     return len(coords)
 
 
@@ -98,12 +114,12 @@ def fill_tiles(store: TileStore, src: SlideSource, slide, geom: TileGeometry, co
     from tqdm.auto import tqdm
 
     reader = TileReader(slide, geom, fast)
-    key = (str(src.path), src.mpp, geom, fast, store.tiles_array_path(src.slide_id))
+    key = (str(src.path), src.mpp, geom, fast, str(store.path), src.slide_id)
     tasks = [(key, s, coords[s:s + TILE_CHUNK]) for s in range(0, len(coords), TILE_CHUNK)]
     with tqdm(total=len(coords), desc=src.slide_id, unit="tile", disable=not progress, leave=False) as bar:
         if pool is None:
             _CACHE.clear()
-            _CACHE[key] = (slide, reader, store.slide(src.slide_id)["tiles"])
+            _CACHE[key] = (slide, reader, store[src.slide_id])
             try:
                 for t in tasks:
                     bar.update(_fill_chunk(t))
@@ -117,16 +133,20 @@ def fill_tiles(store: TileStore, src: SlideSource, slide, geom: TileGeometry, co
 
 
 def _needs_work(store: TileStore, src: SlideSource, cfg: TilingConfig, overwrite: bool) -> tuple[bool, str]:
-    if overwrite or store.status(src.slide_id) != COMPLETE:
+    try:
+        status = store.status(src.slide_id)
+    except StoreError as e:  # damaged: reported, then redone
+        log.warning("%s; tiling it again", e)
         return True, ""
-    attrs = dict(store.slide(src.slide_id).attrs)
-    wanted = cfg.store_attrs()
-    differs = {k: (attrs.get(k), v) for k, v in wanted.items() if attrs.get(k) != v}
+    if overwrite or status != COMPLETE:
+        return True, ""
+    meta = store[src.slide_id].meta
+    differs = {k: (getattr(meta, k), v) for k, v in cfg.settings().items() if getattr(meta, k) != v}
     if differs:
         what = ", ".join(f"{k} {old} (asked {new})" for k, (old, new) in differs.items())
         return False, f"complete with other settings: {what}; pass --overwrite to redo it"
     try:
-        if attrs.get("fingerprint") != file_fingerprint(src.path):
+        if meta.fingerprint != file_fingerprint(src.path):
             log.warning("%s: source file changed since it was tiled; tiling it again", src.path)
             return True, ""
     except OSError:
@@ -150,20 +170,22 @@ def tile_slide(store: TileStore, src: SlideSource, cfg: TilingConfig, pool=None,
                              f"{cfg.patch_size}px tile at {cfg.target_mpp} µm/px has >= {cfg.min_tissue:.0%} "
                              "tissue; lower --min-tissue or --patch-size")
         W, H = slide.dimensions
-        attrs = {"source": str(Path(src.path).resolve()), "fingerprint": file_fingerprint(src.path),
-                 "slide_mpp": slide.mpp, "slide_mpp_source": "metadata" if src.mpp is None else "given",
-                 "level0_size": [W, H], "vendor": slide.vendor, **cfg.store_attrs(),
-                 "patch_size_level0": geom.patch_size_level0, "read_level": geom.level,
-                 "read_size": geom.read_size, "tissue_params": cfg.tissue.to_dict()}
-        store.begin_slide(src.slide_id, attrs)
-        store.write_slide_arrays(src.slide_id, coords, tissue.mask,
-                                 {"downsample": list(tissue.downsample), "mpp": tissue.mpp,
-                                  "threshold": tissue.threshold},
-                                 cfg.patch_size if cfg.save_tiles else None, frac)
+        settings = {**cfg.settings(), "tiles_stored": False, "tile_codec": None}  # set when tiles are made
+        meta = SlideMeta(src.slide_id, source=str(Path(src.path).resolve()), fingerprint=file_fingerprint(src.path),
+                         slide_mpp=slide.mpp, tile_size_level0=geom.patch_size_level0, width=W, height=H,
+                         **settings,
+                         provenance={"slide_mpp_source": "metadata" if src.mpp is None else "given",
+                                     "vendor": slide.vendor, "read_level": geom.level, "read_size": geom.read_size,
+                                     "tissue_params": cfg.tissue.to_dict()})
+        view = store.begin_slide(meta)
+        view.write_arrays(coords, tissue=tissue.mask,
+                          tissue_attrs={"downsample": list(tissue.downsample), "mpp": tissue.mpp,
+                                        "threshold": tissue.threshold},
+                          tissue_fraction=frac, tile_codec=cfg.tile_codec if cfg.save_tiles else None)
         method = fill_tiles(store, src, slide, geom, coords, pool, cfg.fast_read, progress) \
             if cfg.save_tiles else "coords-only"
         seconds = time.perf_counter() - t0
-        store.mark_complete(src.slide_id, n_tiles=len(coords), seconds=round(seconds, 3), read_method=method)
+        view.mark_complete(provenance={**view.meta.provenance, "seconds": round(seconds, 3), "read_method": method})
         if viz_dir is not None:
             from .viz import tiling_overview
 
@@ -179,7 +201,7 @@ def tile_cohort(sources: list[SlideSource], store_path: str | Path, cfg: TilingC
     """Tile every slide into the store at `store_path`; failures are recorded and skipped."""
     from tqdm.auto import tqdm
 
-    store = TileStore(store_path)
+    store = TileStore.create(store_path)
     results: list[SlideResult] = []
     pool = make_pool(workers) if workers > 1 and cfg.save_tiles else None
     try:
@@ -187,10 +209,10 @@ def tile_cohort(sources: list[SlideSource], store_path: str | Path, cfg: TilingC
             todo, why = _needs_work(store, src, cfg, overwrite)
             if not todo:
                 (log.warning if "other settings" in why else log.info)("%s: skipped, %s", src.slide_id, why)
-                info = store.slide_info(src.slide_id)
-                results.append(SlideResult(src.slide_id, str(src.path), "skipped", info["n_tiles"],
+                view = store[src.slide_id]
+                results.append(SlideResult(src.slide_id, str(src.path), "skipped", view.n_tiles,
                                            error=None if why == "already complete" else why,
-                                           slide_mpp=info["slide_mpp"]))
+                                           slide_mpp=view.meta.slide_mpp))
                 continue
             try:
                 res = tile_slide(store, src, cfg, pool, Path(viz_dir) if viz_dir else None, progress)
@@ -198,9 +220,9 @@ def tile_cohort(sources: list[SlideSource], store_path: str | Path, cfg: TilingC
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # one bad slide never stops a cohort
-                msg = str(e) if isinstance(e, SlideError) else f"{src.path}: {type(e).__name__}: {e}"
+                msg = str(e) if isinstance(e, PathmilError) else f"{src.path}: {type(e).__name__}: {e}"
                 log.error("%s: failed: %s", src.slide_id, msg)
-                store.mark_failed(src.slide_id, msg, {"source": str(src.path)})
+                store.mark_failed(src.slide_id, msg, source=str(src.path))
                 res = SlideResult(src.slide_id, str(src.path), "failed", error=msg)
             results.append(res)
     finally:

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SlideError  # re-exported: `from wsi.slide import SlideError` keeps working
+
 # Resolutions outside this range are metadata defaults (72 dpi, 1 px/cm), not scanner values.
 _PLAUSIBLE_MPP = (0.05, 50.0)
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
                   ".bif", ".dcm", ".qptiff"} | PLAIN_IMAGE_SUFFIXES
-
-
-class SlideError(Exception):
-    """A slide cannot be used; the message names the file and what to do."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ Level 0 is never read for this: the coarsest pyramid level that still has enough
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -28,8 +28,10 @@ class TissueParams:
     dark_max: int = 30            # value (brightness) at or below this is black background, not tissue
     median_um: float = 16.0       # median blur width
     close_um: float = 32.0        # closing kernel width: joins fragments of one section
-    min_area_um2: float = 20_000.0   # drop tissue pieces smaller than this (dust, debris)
-    max_hole_um2: float = 20_000.0   # fill holes smaller than this; larger ones (lumens, tears) stay
+    min_area_um2: float = field(default=20_000.0, metadata={
+        "help": "drop tissue pieces smaller than this many µm² (dust, debris)"})
+    max_hole_um2: float = field(default=20_000.0, metadata={
+        "help": "fill holes in tissue smaller than this many µm²; larger ones (lumens, tears) stay"})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,7 +7,6 @@ padded batch as for each bag alone, whatever the (finite) feature values at mask
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -27,29 +26,17 @@ class MILOutput:
 INSTANCE_CHUNK = 8192  # instances per chunk of a per-instance module on very large bags
 
 
-@functools.cache
-def _release_large_frees() -> None:
-    """Have glibc give large freed blocks back to the OS. Its adaptive mmap threshold otherwise serves
-    the chunks' 16 MB buffers from the heap and keeps them after they are freed: a 200,000-instance
-    bag then peaked at 4.3 GiB RSS instead of 3.0. A no-op off glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD = 1 MiB
-    except (OSError, AttributeError):
-        pass
-
-
 def instancewise(module: nn.Module, x: Tensor, chunk: int | None = None) -> Tensor:
     """`module` applied to every instance of x (B, N, ...), in chunks of `chunk` instances when N is
     larger. While training, each chunk is checkpointed: only its output is kept for the backward pass
-    and its intermediates are recomputed, so a 200,000-instance bag trains in a few GiB."""
+    and its intermediates are recomputed, so a 200,000-instance bag trains in a few GiB (with
+    `wsi.runtime.large_frees_to_os()` around the call, as `mil train` and `mil predict` do, so the
+    chunks' freed buffers go back to the OS)."""
     n, chunk = x.shape[1], chunk or INSTANCE_CHUNK
     if n <= chunk:
         return module(x)
     from torch.utils.checkpoint import checkpoint
 
-    _release_large_frees()
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
     parts = [checkpoint(module, x[:, i:i + chunk], use_reentrant=False) if grad else module(x[:, i:i + chunk])
              for i in range(0, n, chunk)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from wsi.errors import RunError
 from wsi.registry import Registry
 
 
@@ -34,7 +35,7 @@ def _load_models() -> None:
     from . import abmil, clam, dsmil, transmil  # noqa: F401
 
 
-REGISTRY: Registry[MILSpec] = Registry("MIL model", MILSpec, _load_models)
+REGISTRY: Registry[MILSpec] = Registry("MIL model", MILSpec, _load_models, error=RunError)
 
 
 def register_model(name: str, **meta) -> Callable:
@@ -49,7 +50,7 @@ def list_models() -> list[MILSpec]:
 
 
 def get_spec(name: str) -> MILSpec:
-    """The spec of a registered model; an unknown name raises ValueError listing the choices."""
+    """The spec of a registered model; an unknown name raises RunError (a ValueError) listing the choices."""
     return REGISTRY.get(name)
 
 
@@ -62,7 +63,7 @@ def create_model(name: str, in_dim: int, n_classes: int, *, student_hidden: int 
     spec = get_spec(name)
     unknown = sorted(set(kwargs) - set(spec.defaults))
     if unknown:
-        raise ValueError(f"MIL model {name!r} has no option(s) {', '.join(unknown)}; "
+        raise RunError(f"MIL model {name!r} has no option(s) {', '.join(unknown)}; "
                          f"it takes: {', '.join(sorted(spec.defaults)) or 'none'} (plus student_hidden, dropout)")
     bag = spec.builder(in_dim, n_classes, dropout=dropout, **{**spec.defaults, **kwargs})
     model = DualMIL(bag, InstanceStudent(in_dim, n_classes, student_hidden, dropout), name=name)

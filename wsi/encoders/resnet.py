@@ -5,7 +5,7 @@ from .registry import register_encoder
 
 @register_encoder("resnet50-trunc", dim=1024, input_size=224, precision="fp32", license="BSD-3-Clause",
                   gated=False, hub_id="timm/resnet50.tv_in1k", description="ResNet-50 to layer 3 (CLAM, Lu et al. 2021)")
-def resnet50_trunc(pretrained: bool = True, weights: str | None = None):
-    inner = build_timm("resnet50.tv_in1k", hub_id="timm/resnet50.tv_in1k", pretrained=pretrained, weights=weights,
-                       name="resnet50-trunc", features_only=True, out_indices=(3,))
+def resnet50_trunc(spec, pretrained: bool = True, weights: str | None = None):
+    inner = build_timm(spec, "resnet50.tv_in1k", pretrained=pretrained, weights=weights, features_only=True,
+                       out_indices=(3,))
     return wrap(inner, lambda m, x: m(x)[-1].mean(dim=(2, 3)))

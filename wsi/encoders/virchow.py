@@ -12,12 +12,11 @@ def _cls_and_mean(model, x):
 
 @register_encoder("virchow2", dim=2560, input_size=224, precision="fp16", license="CC-BY-NC-ND-4.0", gated=True,
                   hub_id="paige-ai/Virchow2", description="Virchow2 (Zimmermann et al. 2024)")
-def virchow2(pretrained: bool = True, weights: str | None = None):
+def virchow2(spec, pretrained: bool = True, weights: str | None = None):
     import timm
     import torch
 
-    inner = build_timm("vit_huge_patch14_224", hub_id="paige-ai/Virchow2", pretrained=pretrained, weights=weights,
-                       gated=True, name="virchow2", img_size=224, init_values=1e-5, mlp_ratio=5.3375,
-                       global_pool="", dynamic_img_size=True, reg_tokens=4, no_embed_class=True,
-                       mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
+    inner = build_timm(spec, "vit_huge_patch14_224", pretrained=pretrained, weights=weights, img_size=224,
+                       init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True, reg_tokens=4,
+                       no_embed_class=True, mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU)
     return wrap(inner, _cls_and_mean)

