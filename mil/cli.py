@@ -14,7 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from wsi.cli_common import add_config_options, command_parser, config_from_args, format_table, run_command
+from wsi.cli_common import (add_config_options, command_parser, config_from_args, format_table, registry_help,
+                            run_command)
 
 log = logging.getLogger("mil")
 
@@ -110,17 +111,13 @@ def _json_object(text: str) -> dict:
     return value
 
 
-class _RegistryHelp(argparse.HelpFormatter):
-    """Fills "{models}" in help texts from the model registry, only when help is shown: building the
-    parser does not import torch."""
+def _model_names() -> str:
+    from .models import list_models
 
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = super()._get_help_string(action)
-        if text and "{models}" in text:
-            from .models import list_models
+    return ", ".join(s.name for s in list_models())
 
-            text = text.replace("{models}", ", ".join(s.name for s in list_models()))
-        return text
+
+_RegistryHelp = registry_help(models=_model_names)
 
 
 W2S_PREFIX = "w2s-"   # option --w2s-<field>, dest w2s_<field>

@@ -173,3 +173,15 @@ def test_add_config_options_rules(capsys):
     add_config_options(q, _Cfg, only=("name", "limit"), prefix="w2s-")
     a = q.parse_args(["--w2s-name", "y", "--w2s-limit", "4"])
     assert config_from_args(_Cfg, a, prefix="w2s-") == _Cfg("y", limit=4)
+
+
+def test_building_the_command_lines_imports_no_torch():
+    """`wsi tile` / `wsi info` must start light: registries are read only when help is shown
+    (segmentation of a 100k slide is ~1 s and ~150 MiB; importing torch alone is ~1 s and ~500 MiB)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, wsi.cli, mil.cli; wsi.cli.build_parser(); mil.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'timm', 'open_clip', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

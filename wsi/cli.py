@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .cli_common import (add_config_options, command_parser, config_from_args, format_table, positive_float,
-                         run_command)
+                         registry_help, run_command)
 
 # EmbedConfig's field metadata gives the help texts; these are the options whose text differs from it:
 # the flag that turns `pretrained` off, and the registry listing (made when the parser is built).
@@ -160,7 +160,7 @@ def _cmd_encoders(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    cols = ["name", "dim", "input", "precision", "gated", "license", "hub_id"]
+    cols = ["name", "task", "dim", "input", "precision", "gated", "license", "hub_id"]
     print(format_table([cols] + [[r[c] for c in cols] for r in rows]))
     print("also: timm:<arch>, hf-hub:<repo>, open_clip:<arch>[@<pretrained>], local:<dir>; "
           "--weights FILE.safetensors loads local weights into any of them")
@@ -210,11 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_info)
 
     e = sub.add_parser("embed", help="features for every tile of a store, with any encoder",
+                       formatter_class=registry_help(encoders=_encoder_names),
                        description="Write slides/<id>/features/<encoder>. Slides already embedded are skipped; "
                                    "under torchrun each rank takes its own slides.")
     e.add_argument("store", help="an existing tile store (made by `wsi tile`)")
     add_config_options(e, EmbedConfig, names=EMBED_NAMES, choices={"precision": PRECISIONS},
-                       help={**EMBED_HELP, "encoder": f"one of {_encoder_names()} (see `wsi encoders`), or "
+                       help={**EMBED_HELP, "encoder": "one of {encoders} (see `wsi encoders`), or "
                              "timm:<arch>, hf-hub:<repo>, open_clip:<arch>[@<pretrained>], local:<dir>"})
     e.add_argument("--slides", nargs="+", default=None, help="only these slide ids")
     e.add_argument("--json", action="store_true")

@@ -45,6 +45,11 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         with logging_redirect_tqdm():
             return args.func(args)
+    except BrokenPipeError:  # `wsi info ... | head`: the reader left; no traceback for that
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except PathmilError as e:
         if args.verbose:
             traceback.print_exc()
@@ -60,6 +65,22 @@ def format_table(rows: list[tuple | list]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def registry_help(**fill: Callable[[], str]) -> type[argparse.HelpFormatter]:
+    """A HelpFormatter that replaces "{name}" in help texts with `fill[name]()` only when help is
+    shown, so building a parser never imports a registry (and torch with it): `wsi tile` and
+    `wsi info` start in a fraction of a second."""
+
+    class RegistryHelp(argparse.HelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str | None:
+            text = super()._get_help_string(action)
+            for name, make in fill.items():
+                if text and "{%s}" % name in text:
+                    text = text.replace("{%s}" % name, make())
+            return text
+
+    return RegistryHelp
 
 
 # ---- options from config dataclasses ---------------------------------------------------------------

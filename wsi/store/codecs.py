@@ -2,6 +2,8 @@
 
 Lossless zstd gains only ~1.2x on H&E (~160 KB per 256-px tile); the slides themselves are JPEG at
 quality ~70-90, so re-encoding their tiles as JPEG costs little and makes a cohort fit on a disk.
+The default, JPEG quality 90 without chroma subsampling (4:4:4), was chosen by measurement
+(scripts/bench/bench_tile_codec.py; README, "Tile codec").
 
 The JPEG codec is imagecodecs' numcodecs codec `imagecodecs_jpeg` under zarr v3's numcodecs naming
 (`numcodecs.imagecodecs_jpeg`), so any zarr v3 reader with imagecodecs can read the tiles (see the
@@ -71,5 +73,7 @@ def tile_array_codecs(codec: str) -> dict:
         return {"compressors": [ZstdCodec(level=1)]}
     with warnings.catch_warnings():  # "numcodecs codecs are not in the zarr v3 spec": known, documented
         warnings.simplefilter("ignore")
-        serializer = _jpeg_class()(level=int(codec.split("-")[1]))
+        # 4:4:4 (no chroma subsampling): at quality 90 features of JPEG tiles keep cosine 0.995-0.998
+        # to lossless ones (0.989-0.990 with libjpeg's default 4:2:0) for ~35 KB per 256-px tile.
+        serializer = _jpeg_class()(level=int(codec.split("-")[1]), subsampling="444")
     return {"serializer": serializer, "compressors": None}
