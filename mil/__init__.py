@@ -7,6 +7,7 @@
 - `create_model` (models/): ABMIL, CLAM-SB, DSMIL, TransMIL, each a bag branch in a `DualMIL`.
 - `train_cohort` (train.py) with weak-to-strong correction (w2s.py); `predict_store` (predict.py) writes
   tile scores back to the store; `write_heatmap` (heatmap.py) draws them.
+- `make_feature_cohort` (simulate.py): feature-level cohorts with a margin confounder, for tests and benchmarks.
 
 Modules that need torch import it themselves; `import mil` stays light.
 """

@@ -23,6 +23,7 @@ class Batch:
     index: list[int]                        # positions in the bags list given to the batcher
     instance_labels: "torch.Tensor | None" = None   # (B, Nmax) float32, 0 at padding
     selected: list[np.ndarray | None] = field(default_factory=list)  # kept instance indices (None: all)
+    aux: "torch.Tensor | None" = None       # (B, Nmax) float32 per-instance side values (`aux=`), 0 at padding
 
 
 class BagBatcher:
@@ -36,7 +37,8 @@ class BagBatcher:
     SIZE_NOISE = 0.1    # relative jitter on sizes before bucketing: neighbours vary from epoch to epoch
 
     def __init__(self, bags: list[Bag], batch_size: int = 16, *, max_instances: int | None = None,
-                 shuffle: bool = True, seed: int = 0, with_instance_labels: bool = False):
+                 shuffle: bool = True, seed: int = 0, with_instance_labels: bool = False,
+                 aux: list[np.ndarray] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if max_instances is not None and max_instances < 1:
@@ -49,6 +51,9 @@ class BagBatcher:
             raise CohortError(f"bags have different feature widths {sorted(dims)}; use features of one encoder")
         self.bags, self.batch_size, self.max_instances = bags, batch_size, max_instances
         self.shuffle, self.seed, self.with_instance_labels = shuffle, seed, with_instance_labels
+        if aux is not None and [len(a) for a in aux] != [len(b.features) for b in bags]:
+            raise ValueError("aux must hold one value per instance of every bag")
+        self.aux = aux   # per-bag (N,) values batched alongside the features (e.g. w2s negative-bag evidence)
         self.dim = dims.pop() if dims else 0
         self.sizes = np.array([len(b.features) for b in bags], dtype=np.int64)
         self.epoch = 0
@@ -112,4 +117,10 @@ class BagBatcher:
                 il = self.bags[i].instance_labels
                 lab[r, :k] = il if s is None else il[s]
             inst = torch.from_numpy(lab)
-        return Batch(torch.from_numpy(x), torch.from_numpy(mask), y, idx, inst, list(sel))
+        aux = None
+        if self.aux is not None:
+            a = np.zeros((B, nmax), dtype=np.float32)
+            for r, (i, s, k) in enumerate(zip(idx, sel, lens)):
+                a[r, :k] = self.aux[i] if s is None else self.aux[i][s]
+            aux = torch.from_numpy(a)
+        return Batch(torch.from_numpy(x), torch.from_numpy(mask), y, idx, inst, list(sel), aux)

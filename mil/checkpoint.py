@@ -105,6 +105,17 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def _fold_feedback(run_dir: Path, fold: int) -> bool:
+    """Whether a --w2s fold predicts with the student's filtering: yes, unless its result.json says
+    training turned the feedback off (the back-off of mil/train.py)."""
+    path = run_dir / f"fold_{fold}" / "result.json"
+    try:
+        info = json.loads(path.read_text()).get("w2s") or {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return True
+    return bool(info.get("feedback", True))
+
+
 def run_folds(run_dir: str | Path) -> list[int]:
     """The folds of a run that have weights, in order."""
     return sorted(int(m.group(1)) for p in Path(run_dir).glob(f"fold_*/{WEIGHTS}")
@@ -116,7 +127,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu",
     """(config, [one DualMIL per fold, in eval mode on `device`]); `folds` None = every fold with weights.
 
     A run trained with --w2s keeps filtering the instances its student rejects out of the bag
-    branch, as it did in training."""
+    branch, as it did in training (unless the fold's result.json says training turned it off)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -149,7 +160,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu",
             first = str(e).strip().splitlines()[:3]
             raise RunError(f"{path}: weights do not fit the model described in {CONFIG} "
                            f"({' '.join(first)[:300]})") from None
-        if config.get("w2s"):
+        if config.get("w2s") and _fold_feedback(run_dir, k):
             w = config.get("w2s_params") or {}
             model.reject_below, model.min_keep = w.get("reject_below", 0.1), w.get("min_keep", 8)
         models.append(model.to(device).eval())

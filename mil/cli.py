@@ -50,6 +50,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
              cohort.class_names, cohort.positive_class, cohort.dim, cohort.encoder)
     metrics = train_cohort(cohort, cfg, a.out, instance_labels=a.instance_labels, progress=not a.quiet)
     print(metrics_rows([metrics]))
+    offs = [(k, b[-1]) for k, b in enumerate(metrics.get("w2s_backoff") or []) if b]
+    if offs:
+        print("w2s feedback backed off (it hurt the validation bag loss): " + "; ".join(
+            f"fold {k}: {b['turned_off']} off at epoch {b['epoch']}" for k, b in offs))
     print(f"run written to {a.out} (metrics.json, roc.png, curves.png, predictions.csv, fold_*/)")
     return 0
 

@@ -45,12 +45,30 @@ class W2SConfig:
         "lambda_D, weight of the attention distillation at full ramp"))
     min_warmup_steps: int = field(default=50, metadata=_help(
         "optimizer steps the student needs before it may overrule anyone (warm-up is stretched to them)"))
+    evidence: bool = field(default=True, metadata={
+        "help": "gate the teacher's and the hardened labels by negative-bag evidence (mi-SVM-style k-NN)",
+        "off_help": "no negative-bag evidence: the teacher's labels as they are (the method before issue 9)"})
+    evidence_k: int = field(default=5, metadata=_help("neighbours per reference class in the evidence"))
+    evidence_refs: int = field(default=8192, metadata=_help(
+        "reference instances sampled per class (negative bags, positive bags) for the evidence"))
+    evidence_quantile: float = field(default=0.99, metadata=_help(
+        "evidence is 1/2 at this quantile of the negative bags' own scores (the null)"))
+    backoff_tol: float = field(default=0.01, metadata=_help(
+        "validation bag loss (nats) by which feedback may be worse than none before it is turned off"))
+    backoff_rel: float = field(default=0.05, metadata=_help(
+        "... plus this share of the feedback-free validation bag loss"))
+    backoff_patience: int = field(default=2, metadata=_help(
+        "consecutive epochs of worse validation bag loss before feedback is turned off for good"))
 
     def __post_init__(self):
         check_setting(0 <= self.alpha_max <= 1, "w2s_alpha", self.alpha_max, "a weight in [0, 1]")
         check_setting(0 <= self.reject_below < 1, "w2s_reject", self.reject_below, "a probability in [0, 1)")
         check_setting(0 <= self.fp_rate < 1, "w2s_fp_rate", self.fp_rate, "a rate in [0, 1)")
-        for name in ("warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight"):
+        check_setting(0 < self.evidence_quantile < 1, "w2s_evidence_quantile", self.evidence_quantile, "in (0, 1)")
+        for name in ("evidence_k", "evidence_refs", "backoff_patience"):
+            check_setting(getattr(self, name) >= 1, f"w2s_{name}", getattr(self, name), "at least 1")
+        for name in ("warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight",
+                     "backoff_tol", "backoff_rel"):
             check_setting(getattr(self, name) >= 0, f"w2s_{name}", getattr(self, name), "0 or more")
 
     def to_dict(self) -> dict:

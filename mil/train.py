@@ -48,6 +48,9 @@ class FoldResult:
     test_probs: list[list[float]]
     metrics: dict[str, float]
     instance: dict[str, dict | None]   # {"student": {...}, "attention": {...}} or Nones
+    # --w2s only: {"feedback": filtering at inference, "distillation", "evidence": {...},
+    #              "backoff": [{"epoch", "turned_off", "reason", ...}] or None}
+    w2s: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -62,7 +65,8 @@ def forward(model, x: torch.Tensor, mask: torch.Tensor, w2s: W2SConfig, feedback
     return out, out.extras["attended"]
 
 
-def batch_losses(model, out, attended, batch, cfg: TrainConfig, epoch: int, binary: bool) -> dict[str, torch.Tensor]:
+def batch_losses(model, out, attended, batch, cfg: TrainConfig, epoch: int, binary: bool,
+                 feedback: bool = True) -> dict[str, torch.Tensor]:
     y = batch.y
     terms = {"bag": F.cross_entropy(out.bag_logits, y)}
     extra = model.extra_loss(out, y)
@@ -71,30 +75,75 @@ def batch_losses(model, out, attended, batch, cfg: TrainConfig, epoch: int, bina
     if binary:
         w = cfg.w2s
         ramp = w.ramp_at(epoch)
+        ev = batch.aux.to(y.device) if w.enabled and batch.aux is not None else None
         terms["instance"] = w.instance_weight * student_loss(out.instance_logits, out.attention, batch.mask, y,
-                                                              w.alpha_max * ramp, w.fp_rate)
-        if ramp > 0 and w.distill_weight > 0:
+                                                              w.alpha_max * ramp, w.fp_rate, ev)
+        if feedback and ramp > 0 and w.distill_weight > 0:
             terms["distill"] = w.distill_weight * ramp * distill_loss(out.attention, out.instance_logits, attended, y)
     return terms
 
 
+@dataclass
+class Shadow:
+    """The bag branch as the run would train it without feedback: a copy of the bag branch trained on
+    the bag loss alone (plus the model's own auxiliary loss), on the same batches, sharing the
+    student. It is what `--w2s` falls back to when the student's feedback hurts (the back-off)."""
+
+    model: Any          # a DualMIL whose `bag` is the copy and whose `student` is the trained model's
+    opt: Any
+    sched: Any
+
+    @classmethod
+    def of(cls, model, cfg: TrainConfig, total_steps: int) -> "Shadow":
+        import copy
+
+        student, model.student = model.student, None
+        try:
+            twin = copy.deepcopy(model)
+        finally:
+            model.student = student
+        twin.student = student
+        opt = torch.optim.AdamW(twin.bag.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return cls(twin, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps)))
+
+    def step(self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> None:
+        bag = self.model.bag
+        bag.train()
+        logits, _, extras = bag(x, mask)
+        loss = F.cross_entropy(logits, y)
+        fn = getattr(bag, "extra_loss", None)
+        if fn is not None:
+            loss = loss + cfg.extra_weight * fn({**extras, "attended": mask}, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+
+
 def train_epoch(model, batcher: BagBatcher, opt, sched, cfg: TrainConfig, epoch: int, binary: bool,
-                device: torch.device) -> dict[str, float]:
-    """One pass over the training bags; returns the mean of each loss term."""
+                device: torch.device, backed_off: bool = False, shadow: Shadow | None = None,
+                distill: bool | None = None) -> dict[str, float]:
+    """One pass over the training bags; returns the mean of each loss term. `backed_off`: the
+    student no longer filters the bag branch's instances; `distill` (default: not backed_off): it
+    still distils into the attention. `shadow`: a feedback-free twin of the bag branch trained on the
+    same batches."""
     model.train()
-    feedback = cfg.w2s.feedback_on(epoch)
+    feedback = cfg.w2s.feedback_on(epoch) and not backed_off
+    distill = (not backed_off) if distill is None else distill
     sums: dict[str, float] = {}
     for batch in batcher:
         x, mask = batch.x.to(device, non_blocking=True), batch.mask.to(device, non_blocking=True)
         batch.y, batch.mask = batch.y.to(device), mask
         out, attended = forward(model, x, mask, cfg.w2s, feedback)
-        terms = batch_losses(model, out, attended, batch, cfg, epoch, binary)
+        terms = batch_losses(model, out, attended, batch, cfg, epoch, binary, distill)
         loss = sum(terms.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
+        if shadow is not None:
+            shadow.step(x, mask, batch.y, cfg)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.item() / len(batcher)
     return sums
@@ -155,48 +204,125 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool) 
     model = create_model(cfg.model, cohort.dim, len(cohort.class_names), **cfg.model_kwargs).to(device)
     train_bags = [cohort.bags[i] for i in split.train]
     val_bags = [cohort.bags[i] for i in split.val]
+    w2s_on = cfg.w2s.enabled and binary
+    evidence, ev_info = None, None
+    if w2s_on and cfg.w2s.evidence:
+        from .w2s import negative_evidence
+
+        evidence, ev_info = negative_evidence([b.features for b in train_bags], [b.label for b in train_bags],
+                                              k=cfg.w2s.evidence_k, max_refs=cfg.w2s.evidence_refs,
+                                              quantile=cfg.w2s.evidence_quantile, seed=cfg.seed + split.fold,
+                                              device=device)
+        log.info("fold %d: negative-bag evidence: %.1f%% of positive-bag instances above 1/2 (d0 %.4f)",
+                 split.fold, 100 * ev_info.get("share_above_half", 0), ev_info.get("d0", float("nan")))
+        if not ev_info["computed"]:
+            evidence = None
     batcher = BagBatcher(train_bags, cfg.batch_size, max_instances=cfg.max_instances, shuffle=True,
-                         seed=cfg.seed + split.fold)
+                         seed=cfg.seed + split.fold, aux=evidence)
     if cfg.w2s.enabled:
         cfg = replace(cfg, w2s=cfg.w2s.scaled(len(batcher), cfg.epochs))
         log.debug("fold %d: w2s warm-up %d epochs, ramp %d", split.fold, cfg.w2s.warmup, cfg.w2s.ramp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * len(batcher)))
     history: list[dict] = []
-    best_loss, best_state, best_epoch, stale = float("inf"), None, -1, 0
+    # With --w2s and a validation part, a feedback-free twin of the bag branch (`Shadow`) trains
+    # alongside; each epoch with feedback, the validation bag loss of the model (with its filtering) is
+    # compared with the twin's. Worse by more than backoff_tol for backoff_patience epochs in a row:
+    # the feedback backs off, in two steps: first the filtering (the twin's bag branch replaces the
+    # model's, distillation goes on), then, if distillation alone still hurts, the distillation too
+    # (the twin's weights again, no feedback at all for the rest of the run and at inference).
+    # Two candidates for the best epoch: with feedback as trained (`used`) and without any (`plain`:
+    # the twin's, then the backed-off model's).
+    shadow = Shadow.of(model, cfg, cfg.epochs * len(batcher)) if w2s_on and val_bags else None
+    best = {"used": [float("inf"), None, -1], "plain": [float("inf"), None, -1]}
+    stale, bad_epochs, backoffs = 0, 0, []
+    filtering, distilling = cfg.w2s.enabled, cfg.w2s.enabled and cfg.w2s.distill_weight > 0
+    can_filter = getattr(model, "w2s_filter", True)
     bar = tqdm(range(cfg.epochs), desc=f"fold {split.fold}", unit="epoch", disable=not progress, leave=False)
+    labels_val = np.array([b.label for b in val_bags])
+    state = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
     for epoch in bar:
-        sums = train_epoch(model, batcher, opt, sched, cfg, epoch, binary, device)
+        sums = train_epoch(model, batcher, opt, sched, cfg, epoch, binary, device, backed_off=not filtering,
+                           shadow=shadow, distill=distilling)
         row = {"epoch": epoch, "train_loss": sum(sums.values()), **{f"loss_{k}": v for k, v in sums.items()}}
+        feedback = cfg.w2s.feedback_on(epoch) and (filtering or distilling)
+        plain_model = shadow.model if shadow is not None else model
         if val_bags:
-            ev = evaluate(model, val_bags, cfg, device, cfg.w2s.feedback_on(epoch))
+            ev = evaluate(model, val_bags, cfg, device, feedback and filtering)
             row["val_loss"] = ev["loss"]
-            row["val_auc"] = bag_metrics(np.array([b.label for b in val_bags]), ev["probs"])["auc"]
+            row["val_auc"] = bag_metrics(labels_val, ev["probs"])["auc"]
+            plain = evaluate(plain_model, val_bags, cfg, device, False)["loss"] if shadow is not None else ev["loss"]
         else:
             row["val_loss"], row["val_auc"] = row["train_loss"], float("nan")
+            plain = row["val_loss"]
+        if shadow is not None:
+            row["val_loss_plain"] = plain
+        plain_ok = epoch >= cfg.min_epochs or epoch == cfg.epochs - 1
+        if plain_ok and plain < best["plain"][0]:
+            best["plain"] = [plain, state(plain_model), epoch]
+        if shadow is not None and feedback:
+            reason = _feedback_hurts(row["val_loss"], plain, cfg.w2s.backoff_tol + cfg.w2s.backoff_rel * plain)
+            bad_epochs = bad_epochs + 1 if reason else 0
+            if reason and bad_epochs >= cfg.w2s.backoff_patience:
+                partial = filtering and can_filter and distilling
+                what = "filtering" if partial else "all feedback"
+                backoffs.append({"epoch": epoch, "turned_off": what, "reason": reason,
+                                 "val_loss_feedback": row["val_loss"], "val_loss_plain": plain})
+                log.warning("fold %d: w2s %s turned off at epoch %d (%s); the bag branch goes on from its "
+                            "feedback-free twin%s", split.fold, what, epoch, reason,
+                            ", with distillation only" if partial else ", without feedback")
+                model.bag.load_state_dict(shadow.model.bag.state_dict())
+                for p_ in model.bag.parameters():     # fresh AdamW moments for the adopted weights
+                    opt.state.pop(p_, None)
+                filtering, bad_epochs, stale = False, 0, 0
+                best["used"] = [float("inf"), None, -1]   # states trained with filtering no longer count
+                if not partial:
+                    distilling, shadow = False, None
+        backed_off = not (filtering or distilling) and cfg.w2s.enabled
         eligible = epoch >= cfg.first_eligible_epoch() or epoch == cfg.epochs - 1
-        if eligible and row["val_loss"] < best_loss:   # a NaN loss is never better
-            best_loss, best_epoch, stale = row["val_loss"], epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif eligible:
+        if not backed_off and eligible and row["val_loss"] < best["used"][0]:   # a NaN loss is never better
+            best["used"], stale = [row["val_loss"], state(model), epoch], 0
+        elif backed_off and best["plain"][2] == epoch:
+            stale = 0
+        elif eligible or backed_off:
             stale += 1
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_auc=f"{row['val_auc']:.3f}")
         if stale >= cfg.patience:
             break
+    backed_off = cfg.w2s.enabled and not (filtering or distilling)
+    if cfg.w2s.enabled and not backed_off and best["used"][1] is None:
+        backed_off = True   # no eligible epoch after a partial back-off: fall back to the twin's best
+    best_loss, best_state, best_epoch = best["plain"] if backed_off else best["used"]
     if best_state is None:
         raise RunError(_no_best_epoch(split.fold, history, train_bags + val_bags, cfg, bool(val_bags)))
     for h in history:
         h["best"] = h["epoch"] == best_epoch
     model.load_state_dict(best_state)
     test_bags = [cohort.bags[i] for i in split.test]
-    ev = evaluate(model, test_bags, cfg, device, cfg.w2s.feedback_on(best_epoch))
+    infer_feedback = cfg.w2s.enabled and not backed_off and filtering and cfg.w2s.feedback_on(best_epoch)
+    ev = evaluate(model, test_bags, cfg, device, infer_feedback)
     labels = [b.label for b in test_bags]
+    w2s_info = None
+    if cfg.w2s.enabled:
+        w2s_info = {"feedback": infer_feedback, "distillation": distilling and not backed_off,
+                    "backoff": backoffs or None, "evidence": ev_info}
     result = FoldResult(fold=split.fold, best_epoch=best_epoch, history=history,
                         test_ids=[b.slide_id for b in test_bags], test_labels=labels,
                         test_probs=ev["probs"].tolist(), metrics=bag_metrics(np.array(labels), ev["probs"]),
-                        instance=_instance_eval(test_bags, ev) if binary else {"student": None, "attention": None})
+                        instance=_instance_eval(test_bags, ev) if binary else {"student": None, "attention": None},
+                        w2s=w2s_info)
     return model, result
+
+
+def _feedback_hurts(loss_feedback: float, loss_plain: float, tol: float) -> str | None:
+    """Why the student's feedback hurts the bag branch this epoch, or None: the validation bag loss of
+    the model with feedback is worse than its feedback-free twin's by more than `tol` nats (a NaN
+    loss with feedback counts as worse)."""
+    if not np.isfinite(loss_feedback) or loss_feedback > loss_plain + tol:
+        return (f"validation bag loss {loss_feedback:.3f} with the student's feedback vs {loss_plain:.3f} "
+                f"without (tolerance {tol:.3f})")
+    return None
 
 
 def _no_best_epoch(fold: int, history: list[dict], bags: list[Bag], cfg: TrainConfig, has_val: bool) -> str:
@@ -278,6 +404,10 @@ def summarize_run(results: list[FoldResult], config: dict) -> dict[str, Any]:
             vals = [r.instance[who][key] if r.instance.get(who) else None for r in results]
             m[f"instance_{key}{suffix}"] = summarize(vals)
     m["best_epochs"] = [r.best_epoch for r in results]
+    if config.get("w2s"):
+        # Per fold: whether the student's feedback (filtering, distillation) was kept, and if not, when and why.
+        m["w2s_feedback"] = [bool((r.w2s or {}).get("feedback", True)) for r in results]
+        m["w2s_backoff"] = [(r.w2s or {}).get("backoff") for r in results]
     m["instance_labels"] = config.get("instance_labels")
     return m
 

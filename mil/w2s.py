@@ -5,11 +5,23 @@ normalised, is a soft and noisy instance label; every instance of a negative bag
 negative. The instance branch (the student, a stronger MLP) learns from those labels with
 Burns et al.'s auxiliary confidence loss: its target mixes the teacher's label with its own
 hardened prediction, thresholded so that its positive rate on the instances where the teacher is
-certain (those of negative bags: 0) matches the teacher's, with a weight that ramps up, so it can overrule the teacher where it is confident. Its corrected predictions
+certain (those of negative bags: 0) matches the teacher's, with a weight that ramps up, so it can
+overrule the teacher where it is confident. Its corrected predictions
 flow back: instances it confidently rejects are masked out of the bag branch's attention (during
 training and at inference alike, so the bag branch sees the same kind of bag in both), and the
 attention of positive bags is distilled towards the student's scores. The README gives the
 equations; the notation below follows it.
+
+Negative-bag evidence (`negative_evidence`): tumour never occurs in a negative bag; a confounder
+(inflammation at the tumour margin, a benign mimic) does. So an instance of a positive bag whose
+nearest neighbours among the negative bags' instances are as close as those among the other positive
+bags' cannot be tumour: the negative-bag constraint of mi-SVM (Andrews, Tsochantaridis & Hofmann,
+NIPS 2002), as a k-nearest-neighbour score calibrated on the negative bags themselves. It gates the
+teacher's labels and the student's hardened labels, so the teacher cannot hand a confounder to the
+student (issue 9), and it vouches for instances the attention overlooked.
+
+Back-off: filtering and distillation feed the student back into the bag branch; `mil/train.py` keeps
+them only while they do not hurt the validation bag loss (see `W2SConfig.backoff_tol`).
 
 Without `--w2s` the student is still trained, naively: it fits the teacher's labels as they are
 (alpha = 0) and nothing flows back. That is the baseline the correction is measured against.
@@ -19,13 +31,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
 from .config import W2SConfig
 
-__all__ = ["W2SConfig", "distill_loss", "hardened_student", "keep_mask", "positive_logit", "student_loss",
-           "teacher_labels"]
+__all__ = ["W2SConfig", "distill_loss", "hardened_student", "keep_mask", "negative_evidence", "positive_logit",
+           "student_loss", "teacher_labels"]
 
 
 def positive_logit(instance_logits: torch.Tensor) -> torch.Tensor:
@@ -62,19 +76,28 @@ def hardened_student(p: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, fp_r
 
 
 def student_loss(instance_logits: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor,
-                 y: torch.Tensor, alpha: float, fp_rate: float = 0.01) -> torch.Tensor:
+                 y: torch.Tensor, alpha: float, fp_rate: float = 0.01,
+                 evidence: torch.Tensor | None = None) -> torch.Tensor:
     """L_I: the weak-to-strong confidence loss of the student (alpha = 0: it fits the teacher as is).
 
     Positive-bag instances: BCE(p, (1 - alpha) t + alpha f_hat). Negative-bag instances: BCE(p, 0).
-    The two groups are averaged separately and summed, so neither dominates by bag size."""
+    The two groups are averaged separately and summed, so neither dominates by bag size.
+    With `evidence` e (B, N) in [0, 1] (`negative_evidence`): t' = e * max(t, e) replaces t (an
+    instance the negative bags explain is no positive whatever the attention; one they cannot explain
+    is one at least as strongly as its evidence) and f_hat becomes e * f_hat."""
     z = positive_logit(instance_logits)
     pos = mask & (y == 1).unsqueeze(1)
     neg = mask & (y == 0).unsqueeze(1)
     loss = z.new_zeros(())
     if pos.any():
         t = teacher_labels(attention, mask, y)
+        if evidence is not None:
+            e = evidence.to(t.dtype)
+            t = e * torch.maximum(t, e)
         if alpha > 0:
             f_hat = hardened_student(torch.sigmoid(z), pos, neg, fp_rate)
+            if evidence is not None:
+                f_hat = f_hat * e
             t = (1 - alpha) * t + alpha * f_hat
         loss = loss + F.binary_cross_entropy_with_logits(z[pos], t[pos])
     if neg.any():
@@ -107,3 +130,104 @@ def distill_loss(attention: torch.Tensor, instance_logits: torch.Tensor, attende
     a = attention.clamp_min(1e-12)
     kl = torch.where(attended & (q > 0), q * (torch.log(q.clamp_min(1e-12)) - torch.log(a)), torch.zeros_like(q))
     return kl.sum(dim=1)[pos_bags].mean()
+
+
+# ---- negative-bag evidence ------------------------------------------------------------------------
+def _topk(q: torch.Tensor, qb: torch.Tensor, ref: torch.Tensor, rb: torch.Tensor, k: int):
+    """The k largest cosine similarities of each row of q to ref (values, indices), leaving out ref
+    rows of the query's own bag (qb, rb: bag ids)."""
+    s = q @ ref.T
+    s.masked_fill_(qb[:, None] == rb[None, :], -2.0)
+    return s.topk(min(k, s.shape[1]), dim=1)
+
+
+@torch.no_grad()
+def negative_evidence(features: list, labels: list[int], *, k: int = 5, max_refs: int = 8192,
+                      quantile: float = 0.99, seed: int = 0, chunk: int = 2048,
+                      device: str | torch.device = "cpu") -> tuple[list, dict]:
+    """Per-instance evidence e in [0, 1] that a positive bag's instance is *not* explained by the
+    negative bags (0 for every instance of a negative bag), and a summary dict.
+
+    Features are centred on the mean of the reference instances and L2-normalised (cosine). For an
+    instance x of bag b, with s_P(x) and s_N(x) the mean of its k largest similarities to a reference
+    sample of the positive bags' and of the negative bags' instances (bag b left out of both), its
+    positive-enrichment is r(x) = s_P(x) - s_N(x). A type that occurs in both classes but is commoner
+    in positive bags (a confounder) has r > 0 too, as much as its density ratio makes it, so r is
+    compared with the r of x's own k nearest negative-bag neighbours (their r measured the same way):
+
+        d(x) = r(x) - mean_{n in kNN_N(x)} r(n),        e(x) = sigmoid((d(x) - d0) / T),
+
+    d0 the `quantile` of d over a sample of negative-bag instances (the null) and T = (d0 - median of
+    the null) / 4. A confounder's negative neighbours are the same confounder, as enriched as it is:
+    d ~ 0. Tumour, never in a negative bag, has as nearest negatives other tissue (a mimic), far less
+    enriched: d >> d0, e ~ 1. This is mi-SVM's constraint (Andrews, Tsochantaridis & Hofmann, NIPS
+    2002: no instance of a negative bag is positive, so whatever resembles the negative bags'
+    instances is negative) as a nearest-neighbour score; WENO (Qu et al. 2022) and DMKD (arXiv
+    2505.12074) likewise treat the negative bags as the one sure source of instance labels.
+
+    Bounded cost: at most `max_refs` reference instances per class (sampled across bags) and
+    `max_refs // 2` null instances; queries go in chunks of `chunk` rows, so memory is
+    O(chunk * max_refs) whatever the bag sizes (bags of 10^5 instances stream through). Compute:
+    one (n_positive_instances + 1.5 max_refs) x 2 max_refs x D matmul per fold."""
+    dev = torch.device(device)
+    rng = np.random.default_rng(seed)
+    labels = [int(y) for y in labels]
+    sizes = np.array([len(f) for f in features])
+
+    def sample(cls: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bags = [i for i, y in enumerate(labels) if y == cls]
+        total = int(sizes[bags].sum()) if bags else 0
+        if not total:
+            return torch.zeros(0, features[0].shape[1]), torch.zeros(0, dtype=torch.long)
+        flat = np.sort(rng.choice(total, min(m, total), replace=False))
+        starts = np.concatenate([[0], np.cumsum(sizes[bags])])
+        owner = np.searchsorted(starts, flat, side="right") - 1
+        rows = [np.asarray(features[bags[o]][flat[owner == o] - starts[o]], np.float32) for o in np.unique(owner)]
+        ids = np.concatenate([np.full((owner == o).sum(), bags[o]) for o in np.unique(owner)])
+        return torch.from_numpy(np.concatenate(rows)), torch.from_numpy(ids)
+
+    raw_p, bid_p = sample(1, max_refs)
+    raw_n, bid_n = sample(0, max_refs)
+    out = [np.zeros(n, np.float32) for n in sizes]
+    if not len(raw_p) or not len(raw_n):
+        return out, {"computed": False}
+    mu = torch.cat([raw_p, raw_n]).mean(0)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.to(dev, torch.float32) - mu.to(dev), dim=1)
+
+    ref_p, ref_n, bid_p, bid_n = norm(raw_p), norm(raw_n), bid_p.to(dev), bid_n.to(dev)
+
+    def enrichment(x: torch.Tensor, bag_ids: torch.Tensor, r_neg: torch.Tensor | None):
+        """r (and d when the negatives' r is given) of raw rows x, in chunks."""
+        rs, ds = [], []
+        for i in range(0, len(x), chunk):
+            q, qb = norm(x[i:i + chunk]), bag_ids[i:i + chunk].to(dev)
+            sp = _topk(q, qb, ref_p, bid_p, k).values.mean(1)
+            sn, idx = _topk(q, qb, ref_n, bid_n, k)
+            r = sp - sn.mean(1)
+            rs.append(r)
+            if r_neg is not None:
+                ds.append(r - r_neg[idx].mean(1))
+        r = torch.cat(rs)
+        return r, (torch.cat(ds) if r_neg is not None else None)
+
+    r_neg, _ = enrichment(raw_n, bid_n.cpu(), None)       # the negatives' own enrichment (bag left out)
+    null_x, null_b = sample(0, max(1, max_refs // 2))
+    _, null = enrichment(null_x, null_b, r_neg)
+    null = null[torch.isfinite(null)].cpu()
+    d0 = torch.quantile(null, quantile).item()
+    temp = max((d0 - null.median().item()) / 4, 1e-4)
+    n_pos, high = 0, 0
+    for i, (f, y) in enumerate(zip(features, labels)):
+        if y != 1:
+            continue
+        _, d = enrichment(torch.from_numpy(np.asarray(f, np.float32)), torch.full((len(f),), i), r_neg)
+        e = torch.sigmoid((d.cpu() - d0) / temp).numpy().astype(np.float32)
+        out[i] = e
+        n_pos += len(e)
+        high += int((e > 0.5).sum())
+    info = {"computed": True, "k": k, "refs_positive": len(ref_p), "refs_negative": len(ref_n), "null": len(null),
+            "d0": d0, "temperature": temp, "positive_instances": n_pos,
+            "share_above_half": high / max(n_pos, 1)}
+    return out, info

@@ -81,15 +81,23 @@ def _cmd_info(a: argparse.Namespace) -> int:
 
 def _cmd_synth(a: argparse.Namespace) -> int:
     from .synthetic import make_cohort
+    from .synthetic.difficulty import resolve
 
     # Options left out take make_cohort's own defaults, so they are written down in one place only.
     given = {k: v for k, v in (("width", a.width), ("height", a.height), ("mpp", a.slide_mpp),
                                ("tile_size", a.tile_size)) if v is not None}
+    # Difficulty options left out take the preset's values (wsi.synthetic.difficulty: help and values in one place).
+    options = {k: getattr(a, k) for k in a.synth_options if getattr(a, k) is not None}
+    with _user_errors():
+        resolve(a.preset, **options)  # an out-of-range value is the user's: one line, exit 2
     slides = make_cohort(a.out, n_slides=a.slides, seed=a.seed, positive_fraction=a.positive_fraction,
-                         workers=a.workers, progress=not a.quiet, **given)
+                         workers=a.workers, progress=not a.quiet, preset=a.preset, **options, **given)
     for s in slides:
         print(f"{s.slide_id}\t{s.label}\t{s.width}x{s.height}\t{s.path}")
-    print(f"{len(slides)} slides, labels in {Path(a.out) / 'labels.csv'}, annotations in {Path(a.out) / 'annotations'}")
+    out = Path(a.out)
+    print(f"{len(slides)} slides, labels in {out / 'labels.csv'}, annotations in {out / 'annotations'}"
+          + (f" (inflammation and mimics: {out / 'annotations' / 'extra'})" if (out / "annotations" / "extra").is_dir()
+             else "") + f", record in {out / 'synth.json'}")
     return 0
 
 
@@ -260,7 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic cohort with tumor annotations",
                        description="Pyramidal Aperio-like TIFFs textured with real H&E, labels.csv and GeoJSON "
-                                   "tumor annotations (level-0 px) for every positive slide.")
+                                   "tumor annotations (level-0 px) for every positive slide. --preset hard (or "
+                                   "the options below) adds tumour grades, benign mimics, margin inflammation, "
+                                   "small tumour fractions and clusters, stain, blur and JPEG variation; the "
+                                   "non-tumour regions go to annotations/extra/ (not read by `wsi labels "
+                                   "--annotations OUT/annotations`), what each slide got to synth.json.")
     s.add_argument("out", type=Path)
     s.add_argument("--slides", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
@@ -270,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tile-size", type=int, default=None, help="JPEG tile side in px (default: make_cohort's)")
     s.add_argument("--positive-fraction", type=float, default=0.5)
     s.add_argument("--workers", type=int, default=1)
-    s.set_defaults(func=_cmd_synth)
+    from .synthetic.difficulty import add_cli_options
+
+    g = s.add_argument_group("difficulty (defaults: the preset's values)")
+    s.set_defaults(func=_cmd_synth, synth_options=add_cli_options(g))
     return p
 
 

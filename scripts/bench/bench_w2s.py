@@ -1,12 +1,23 @@
-"""Does weak-to-strong correction work? Each MIL model with and without `--w2s` on `wsi synth` cohorts.
+"""Does weak-to-strong correction work? Each MIL model with and without `--w2s`, on three settings.
 
-    .venv/bin/python scripts/bench/bench_w2s.py [--seeds 0 1 2] [--slides 32] [--models abmil dsmil]
+    .venv/bin/python scripts/bench/bench_w2s.py [--setting synth|hard-synth|features] [--seeds 0 1 2] [--models abmil]
 
-Per seed: a synthetic cohort (half tumor, 1-3 annotated tumor regions each) is written, tiled at
-0.5 µm/px, embedded with EfficientNet-Lite0 (real ImageNet weights) and labelled from its GeoJSON
-annotations; cached under .cache/bench/w2s/. Then every model is cross-validated with and without
-the correction on the same splits. Reported: bag AUC and instance AUC (the student's scores, and
-the attention) as mean ± std over seeds of the per-seed fold means, and the change w2s makes.
+--setting synth (default): per seed, a `wsi synth` cohort (half tumor, 1-3 annotated tumor regions
+each) is written, tiled at 0.5 µm/px, embedded with EfficientNet-Lite0 (real ImageNet weights) and
+labelled from its GeoJSON annotations; cached under .cache/bench/w2s/.
+--setting hard-synth: the same with `wsi synth --preset hard` (tumour grades, benign mimics, margin
+inflammation, small tumour fractions, stain / blur / JPEG variation); cached under
+.cache/bench/w2s/hard/.
+--setting features: per seed, a feature-level cohort with a margin confounder (mil/simulate.py:
+384-d features, several normal types, tumour in 0.5-5 % of a positive slide's tiles, an
+inflammation-like confounder at the tumour margin that also occurs in normal slides, benign mimics
+in both classes, a per-slide batch effect); defaults 48 slides of ~200 tiles, 3 folds, 20 epochs. `--diagnose`
+also prints, for ABMIL on the first seed's first fold, the student's mean score, the attention and
+the share kept by the filter per tissue type (the mechanism of issue 9).
+
+Every model is cross-validated with and without the correction on the same splits. Reported: bag
+AUC and instance AUC (the student's scores, and the attention) as mean ± std over seeds of the
+per-seed fold means, the change w2s makes, and how many folds backed off the feedback.
 Target: w2s raises mean instance AUC by >= 0.05 without lowering bag AUC beyond its seed spread.
 """
 from __future__ import annotations
@@ -22,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def build_cohort(root: Path, seed: int, n_slides: int, size: int, encoder: str) -> Path:
+def build_cohort(root: Path, seed: int, n_slides: int, size: int, encoder: str, preset: str = "easy") -> Path:
     """Synthetic slides -> tiled, embedded, labelled store (each step skipped when already done)."""
     from wsi.annotations import label_store
     from wsi.cohort import resolve_sources
@@ -30,10 +41,10 @@ def build_cohort(root: Path, seed: int, n_slides: int, size: int, encoder: str) 
     from wsi.pipeline import TilingConfig, tile_cohort
     from wsi.synthetic import make_cohort
 
-    d = root / f"seed{seed}"
+    d = root / (f"seed{seed}" if preset == "easy" else f"{preset}/seed{seed}")
     if not (d / "synth" / "labels.csv").exists():
         make_cohort(d / "synth", n_slides=n_slides, seed=seed, width=size, height=size * 3 // 4, workers=2,
-                    progress=False)
+                    progress=False, preset=preset)
     store = d / "cohort.zarr"
     tile_cohort(resolve_sources([d / "synth"]), store, TilingConfig(), workers=2, progress=False)
     embed_store(store, EmbedConfig(encoder, batch_size=64), progress=False)
@@ -41,19 +52,69 @@ def build_cohort(root: Path, seed: int, n_slides: int, size: int, encoder: str) 
     return d
 
 
+def feature_cohort(seed: int, n_slides: int):
+    from mil.simulate import SimConfig, make_feature_cohort
+
+    # Slides of 10-18 x 10-18 tiles (~200): all four models, 3 seeds, in about 12 min on 2 cores.
+    return make_feature_cohort(SimConfig(n_slides=n_slides, grid=(10, 18)), seed=seed, with_kinds=True)
+
+
+def diagnose(cohort, kinds, seed: int, epochs: int, folds: int) -> None:
+    """ABMIL on one fold, without and with --w2s (and with the pre-issue-9 method: no evidence, no
+    back-off): per tissue type the student's mean score, the attention x n and the share of tiles the
+    bag branch attends to, on the test slides."""
+    import numpy as np
+    import torch
+
+    from mil.simulate import kind_of
+    from mil.splits import make_splits
+    from mil.train import TrainConfig, evaluate, train_fold
+    from mil.w2s import W2SConfig
+
+    split = make_splits(cohort, folds, seed=seed)[0]
+    test = [cohort.bags[i] for i in split.test]
+    kk = np.concatenate([kind_of(kinds[i]) for i in split.test])
+    yy = np.concatenate([[cohort.bags[i].label] * len(cohort.bags[i].features) for i in split.test])
+    for name, w in (("without --w2s", W2SConfig(enabled=False)),
+                    ("old --w2s (no evidence, no back-off)", W2SConfig(evidence=False, backoff_tol=1e9)),
+                    ("--w2s", W2SConfig())):
+        cfg = TrainConfig(model="abmil", epochs=epochs, folds=folds, seed=seed, device="cpu", w2s=w)
+        model, r = train_fold(cohort, split, cfg, progress=False)
+        ev = evaluate(model, test, cfg, torch.device("cpu"), bool((r.w2s or {}).get("feedback", False)))
+        s, a = np.concatenate(ev["instance"]), np.concatenate(ev["attention"])
+        print(f"  [diagnose] {name}: bag AUC {r.metrics['auc']:.3f}, student instance AUC "
+              f"{r.instance['student']['auc']:.3f}, attention {r.instance['attention']['auc']:.3f}; "
+              f"back-off {[(b['epoch'], b['turned_off']) for b in (r.w2s or {}).get('backoff') or []]}")
+        for y in (1, 0):
+            cells = []
+            for t in ("normal", "tumour", "confounder", "mimic"):
+                m = (kk == t) & (yy == y)
+                if m.any():
+                    cells.append(f"{t} p={s[m].mean():.2f} att={a[m].mean():.2f} kept={(a[m] > 0).mean():.2f}")
+            print(f"    {'tumour' if y else 'normal'} slides: " + "; ".join(cells))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", choices=["synth", "hard-synth", "features"], default="synth",
+                   help="synth: `wsi synth` slides, tiled and embedded; hard-synth: the same with --preset hard; "
+                        "features: feature-level cohorts with a margin confounder (mil/simulate.py)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--slides", type=int, default=32)
+    p.add_argument("--slides", type=int, default=None, help="slides per cohort (default: 32 synth, 48 features)")
     p.add_argument("--size", type=int, default=8192, help="synthetic slide width in px at 0.25 µm/px")
     p.add_argument("--models", nargs="+", default=["abmil", "clam-sb", "dsmil", "transmil"])
-    p.add_argument("--folds", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--folds", type=int, default=None, help="default: 4 synth, 3 features")
+    p.add_argument("--epochs", type=int, default=None, help="default: 40 synth, 20 features")
+    p.add_argument("--diagnose", action="store_true", help="features: per-tissue-type numbers of ABMIL (one fold)")
     p.add_argument("--encoder", default="efficientnet-lite0")
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench" / "w2s")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args()
+    feats = a.setting == "features"
+    a.slides = a.slides or (48 if feats else 32)
+    a.folds = a.folds or (3 if feats else 4)
+    a.epochs = a.epochs or (20 if feats else 40)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import numpy as np
@@ -68,9 +129,16 @@ def main() -> None:
     runs: dict[tuple[str, bool], list[dict]] = {}
     for seed in a.seeds:
         t0 = time.perf_counter()
-        d = build_cohort(a.cache, seed, a.slides, a.size, a.encoder)
-        cohort = load_cohort(d / "synth" / "labels.csv", store=d / "cohort.zarr", encoder=a.encoder,
-                             instance_labels="tumor", progress=False)
+        if feats:
+            d = a.cache / "features" / f"seed{seed}"
+            cohort, kinds = feature_cohort(seed, a.slides)
+            if a.diagnose and seed == a.seeds[0]:
+                diagnose(cohort, kinds, seed, a.epochs, a.folds)
+        else:
+            d = build_cohort(a.cache, seed, a.slides, a.size, a.encoder,
+                             preset="hard" if a.setting == "hard-synth" else "easy")
+            cohort = load_cohort(d / "synth" / "labels.csv", store=d / "cohort.zarr", encoder=a.encoder,
+                                 instance_labels="tumor", progress=False)
         n_inst = sum(len(b.features) for b in cohort.bags)
         pos = sum(float((b.instance_labels > 0.5).sum()) for b in cohort.bags if b.instance_labels is not None)
         print(f"seed {seed}: {len(cohort.bags)} slides, {n_inst} tiles, {pos / n_inst:.1%} tumor tiles "
@@ -81,17 +149,24 @@ def main() -> None:
                 cfg = TrainConfig(model=model, epochs=a.epochs, folds=a.folds, seed=seed, device="cpu",
                                   w2s=W2SConfig(enabled=w2s))
                 out = d / "runs" / f"{model}{'-w2s' if w2s else ''}"
+                if feats and out.exists():   # in-memory cohorts: a fresh run each time (code may have changed)
+                    import shutil
+
+                    shutil.rmtree(out)
                 m = train_cohort(cohort, cfg, out, instance_labels="tumor", progress=False)
                 runs.setdefault((model, w2s), []).append(m)
+                offs = [b[-1]["turned_off"] for b in m.get("w2s_backoff") or [] if b]
                 print(f"  {model:9s} w2s={'yes' if w2s else 'no ':3s} bag AUC {m['bag_auc']['mean']:.3f}  "
                       f"instance AUC student {m['instance_auc']['mean']:.3f} attention "
-                      f"{m['instance_auc_attention']['mean']:.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                      f"{m['instance_auc_attention']['mean']:.3f}  ({time.perf_counter() - t0:.0f} s)"
+                      f"{f'  back-off in {len(offs)}/{a.folds} folds: {offs}' if w2s else ''}", flush=True)
 
     def stat(ms: list[dict], key: str) -> tuple[float, float]:
         v = [m[key]["mean"] for m in ms if m.get(key)]
         return float(np.mean(v)), float(np.std(v))
 
-    print(f"\nmean ± std over seeds {a.seeds} of the per-seed fold means ({a.folds} folds, {a.slides} slides)")
+    print(f"\n{a.setting}: mean ± std over seeds {a.seeds} of the per-seed fold means ({a.folds} folds, "
+          f"{a.slides} slides, {a.epochs} epochs)")
     head = f"{'model':9s} {'w2s':4s} {'bag AUC':>15s} {'inst AUC (student)':>19s} {'inst AUC (attention)':>21s}"
     print(head + "\n" + "-" * len(head))
     table = []
@@ -100,8 +175,8 @@ def main() -> None:
             ms = runs[(model, w2s)]
             b, s, at = stat(ms, "bag_auc"), stat(ms, "instance_auc"), stat(ms, "instance_auc_attention")
             table.append({"model": model, "w2s": w2s, "bag_auc": b, "instance_auc": s, "instance_auc_attention": at,
-                          "per_seed": [{k: m[k] for k in ("bag_auc", "instance_auc", "instance_auc_attention")}
-                                       for m in ms]})
+                          "per_seed": [{k: m.get(k) for k in ("bag_auc", "instance_auc", "instance_auc_attention",
+                                                                      "w2s_backoff")} for m in ms]})
             print(f"{model:9s} {'yes' if w2s else 'no':4s} {b[0]:7.3f} ± {b[1]:.3f} {s[0]:11.3f} ± {s[1]:.3f} "
                   f"{at[0]:13.3f} ± {at[1]:.3f}")
         base, corr = table[-2], table[-1]
@@ -111,7 +186,8 @@ def main() -> None:
         print(f"{'':9s} w2s: instance AUC {d_inst:+.3f}, bag AUC {d_bag:+.3f}  -> {'meets' if ok else 'misses'} "
               "the target")
     if a.json:
-        a.json.write_text(json.dumps({"seeds": a.seeds, "slides": a.slides, "folds": a.folds, "rows": table}, indent=1))
+        a.json.write_text(json.dumps({"setting": a.setting, "seeds": a.seeds, "slides": a.slides, "folds": a.folds,
+                                      "epochs": a.epochs, "rows": table}, indent=1))
 
 
 if __name__ == "__main__":

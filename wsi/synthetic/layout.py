@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from skimage import filters, measure, morphology, transform
 
-from .textures import _NORMAL_TEXTURES
+from .textures import _NORMAL_TEXTURES, _TUMOR_TEXTURE
 
 logger = logging.getLogger(__name__)
 
 _LAYOUT_UM = 32.0  # µm per layout pixel, at most
+_LAYOUT_UM_FINE = 16.0  # ... when a slide has small regions (clusters, rims, small tumour fractions)
 _LAYOUT_MIN_PX = 256  # long side of the layout grid, at least (small slides)
 _CELL_UM = 512.0  # mean size of a texture-placement region (Voronoi cell)
 _EDGE_SHARPNESS = 8.0  # slope of alpha vs. mask value around the 0.5 contour
@@ -37,6 +38,10 @@ class _Layout:
     normal_off: np.ndarray  # float (gy, gx, 2) texture offset in µm
     tumor_variant: np.ndarray
     tumor_off: np.ndarray
+    # Textured regions over the normal tissue, drawn in this order: (texture name, soft field).
+    overlays: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    extra: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (class, level-0 ring): not tumour
+    info: dict = field(default_factory=dict)  # what was placed, for the cohort's record
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], n_ctrl: int = 6) -> np.ndarray:
@@ -163,7 +168,13 @@ def _polygon(field: np.ndarray, ds: int) -> np.ndarray:
     return np.round(xy, 2)
 
 
-def _make_layout(rng: np.random.Generator, width: int, height: int, mpp: float, n_tumor: int) -> _Layout:
+def _make_layout(rng: np.random.Generator, width: int, height: int, mpp: float, n_tumor: int,
+                 spec=None) -> _Layout:
+    """The slide's layout; ``spec`` (a `difficulty.SlideSpec` that changes the layout) adds the hard parts."""
+    if spec is not None and spec.changes_layout:
+        from .layout_hard import make_layout_hard
+
+        return make_layout_hard(rng, width, height, mpp, n_tumor, spec)
     ds = max(1, min(round(_LAYOUT_UM / mpp), max(width, height) // _LAYOUT_MIN_PX))
     shape = (math.ceil(height / ds), math.ceil(width / ds))
     sigma = 1.5  # layout px; smooths the binary staircase into a soft edge
@@ -172,6 +183,7 @@ def _make_layout(rng: np.random.Generator, width: int, height: int, mpp: float, 
 
     tumor = None
     polygons: list[np.ndarray] = []
+    blobs: list[np.ndarray] = []
     if n_tumor > 0:
         # "At least several 128 µm tiles", where the slide is large enough for that.
         min_px = 6 * (128.0 / (ds * mpp)) ** 2
@@ -207,4 +219,25 @@ def _make_layout(rng: np.random.Generator, width: int, height: int, mpp: float, 
         normal_off=rng.uniform(0, 8192, size=(gy, gx, 2)),
         tumor_variant=rng.integers(0, 4, size=(gy, gx)),
         tumor_off=rng.uniform(0, 8192, size=(gy, gx, 2)),
+        overlays=[] if tumor is None else [(_TUMOR_TEXTURE[0], tumor)],
+        info=_info([(_TUMOR_TEXTURE[0], b) for b in blobs], len(blobs), 0, [], [], float(tissue_bin.sum())),
     )
+
+
+def _info(tumor_blobs, n_regions: int, n_clusters: int, inflammation, mimics, tissue_area: float) -> dict:
+    """What a layout holds (for the cohort's synth.json); fractions are of the tissue area."""
+
+    def frac(blobs) -> float:
+        return round(float(sum(b.sum() for b in blobs)) / max(tissue_area, 1.0), 5)
+
+    return {
+        "tumor_textures": sorted({n for n, _ in tumor_blobs}),
+        "tumor_regions": n_regions,
+        "clusters": n_clusters,
+        "tumor_fraction": frac([b for _, b in tumor_blobs]),
+        "inflammation_margin": sum(k == "margin" for k, _ in inflammation),
+        "inflammation_elsewhere": sum(k == "elsewhere" for k, _ in inflammation),
+        "inflammation_fraction": frac([b for _, b in inflammation]),
+        "mimics": [n for n, _ in mimics],
+        "mimic_fraction": frac([b for _, b in mimics]),
+    }

@@ -21,11 +21,13 @@ from .pyramid import _LEVEL_FACTOR, _jpeg, _level_sizes
 from .textures import (
     _ALL_TEXTURES,
     _NORMAL_TEXTURES,
-    _TUMOR_TEXTURE,
     _Texture,
     _apply_lut,
+    _blur_periodic,
+    _hed_jitter,
     _level0_period,
     _load_texture,
+    _native_mpp,
     _resample_periodic,
     _seamless,
     _stain_lut,
@@ -141,13 +143,14 @@ class _Renderer:
         return ids[keep[present]], present, label
 
     def _window(self, kind: str, rid: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """``kind``: "normal" (the region's normal texture) or an overlay's texture name."""
         lay = self.layout
         iy, ix = divmod(int(rid), lay.seeds.shape[1])
         if kind == "normal":
             name = _NORMAL_TEXTURES[lay.normal_tex[iy, ix]][0]
             variant, off = lay.normal_variant[iy, ix], lay.normal_off[iy, ix]
         else:
-            name, variant, off = _TUMOR_TEXTURE[0], lay.tumor_variant[iy, ix], lay.tumor_off[iy, ix]
+            name, variant, off = kind, lay.tumor_variant[iy, ix], lay.tumor_off[iy, ix]
         tex = self.texture(name)
         # Level-0 offsets are multiples of the period quantum, hence exact at every level.
         q = self.quantum
@@ -199,14 +202,15 @@ class _Renderer:
         if isinstance(regions, tuple) and len(regions[0]) == 1:
             regions = int(regions[0][0])
         pix = self._layer("normal", regions, y0, x0, h, w)
-        has_tumor = lay.tumor is not None and lay.tumor[sl].max() > _LO
+        # Overlays (tumour, mimics, inflammation) whose footprint reaches this rectangle, in drawing order.
+        active = [(name, f) for name, f in lay.overlays if f[sl].max() > _LO]
         partial = foot.min() < _HI
-        if not has_tumor and not partial:
+        if not active and not partial:
             return pix  # hot path: interior normal tissue, no blending
         img = pix.astype(np.float32)
-        if has_tumor:
-            tum = self._layer("tumor", regions, y0, x0, h, w).astype(np.float32)
-            img += self._alpha(lay.tumor, wy, wx) * (tum - img)
+        for name, f in active:
+            over = self._layer(name, regions, y0, x0, h, w).astype(np.float32)
+            img += self._alpha(f, wy, wx) * (over - img)
         if partial:
             bg = self.background_f[:h, :w]
             img = bg + self._alpha(lay.tissue, wy, wx) * (img - bg)
@@ -252,24 +256,35 @@ class _Scene:
     _level0: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, *, width: int, height: int, mpp: float, tile_size: int, n_tumor: int, seed: int) -> _Scene:
+    def create(cls, *, width: int, height: int, mpp: float, tile_size: int, n_tumor: int, seed: int,
+               spec=None) -> _Scene:
+        """``spec``: a `difficulty.SlideSpec` (textures, small regions, stain, blur); None: the easy slide."""
         if tile_size % 16:
             raise ValueError("tile_size must be a multiple of 16 (TIFF JPEG tiles)")
         if width < 1 or height < 1 or mpp <= 0:
             raise ValueError("width, height and mpp must be positive")
         rng = np.random.default_rng(seed)
-        layout = _make_layout(rng, width, height, mpp, n_tumor)
+        layout = _make_layout(rng, width, height, mpp, n_tumor, spec)
         lut = _stain_lut(rng)
         # Scanner background: not pure white, slightly tinted, a little noisy.
         colour = 240.0 + rng.uniform(-3, 3) + rng.uniform(-1.5, 1.5, size=3)
         noise = rng.normal(0, 1.0, size=(tile_size, tile_size, 3))
         background = np.clip(np.round(colour + noise), 0, 255).astype(np.uint8)
-        native = {name: _seamless(_apply_lut(_load_texture(name), lut)) for name, _ in _ALL_TEXTURES}
+        names = list(dict.fromkeys([name for name, _ in _ALL_TEXTURES] + [name for name, _ in layout.overlays]))
+        native = {}
+        for name in names:
+            img = _apply_lut(_load_texture(name), lut)
+            if spec is not None and spec.stain is not None:
+                img = _hed_jitter(img, spec.stain)
+            img = _seamless(img)
+            if spec is not None and spec.blur_um > 0:
+                img = _blur_periodic(img, spec.blur_um / _native_mpp(name))
+            native[name] = img
 
         # Periods divisible by every pyramid downsample make each level's texture
         # an exact box-downsample of level 0 with the same placement; capped so
         # rounding never stretches a texture by more than a few percent.
-        smallest = min(min(native[name].shape[:2]) * nat / mpp for name, nat in _ALL_TEXTURES)
+        smallest = min(min(native[name].shape[:2]) * _native_mpp(name) / mpp for name in names)
         largest_downsample = _level_sizes(width, height)[-1][0]
         quantum = 1
         while quantum * _LEVEL_FACTOR <= largest_downsample and quantum * _LEVEL_FACTOR * 16 <= smallest:
@@ -279,7 +294,7 @@ class _Scene:
     def texture(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Level-0 periodic texture, plain and transposed (built on first use: small slides need few)."""
         if name not in self._level0:
-            nat = dict(_ALL_TEXTURES)[name]
+            nat = _native_mpp(name)
             shape = _level0_period(self.native[name].shape[:2], nat, self.mpp, self.quantum)
             img = Image.fromarray(_resample_periodic(self.native[name], shape, Image.Resampling.LANCZOS))
             # PIL transposes ~10x faster than a numpy copy of a transposed view.

@@ -1,7 +1,15 @@
-"""Textures: H&E crops from wsi/data, per-slide stain jitter, seamless periodic tiling and resampling."""
+"""Textures: H&E crops from wsi/data, their variants, per-slide stain jitter and blur, seamless periodic
+tiling and resampling.
+
+Variants (tumour grades, benign mimics, inflammation) are real pixels: a shipped crop transformed in
+HED space (colour deconvolution: haematoxylin = nuclei, eosin = cytoplasm and stroma) by scaling the
+stain densities and by grey morphology on the haematoxylin channel (nuclei grown, shrunk or cut out
+of their background), and rendered at a different physical scale (denser or sparser cells).
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -14,9 +22,105 @@ _TUMOR_TEXTURE = ("tumor_0.jpg", 0.4)
 _ALL_TEXTURES = (*_NORMAL_TEXTURES, _TUMOR_TEXTURE)
 
 
+@dataclass(frozen=True)
+class _Variant:
+    """A texture made from a shipped crop: crop, HED stain scaling, nuclear morphology, physical scale."""
+
+    source: str
+    scale: float = 1.0  # physical size factor (< 1: smaller, denser cells): native µm/px × scale
+    crop: tuple[float, float, float, float] | None = None  # (y0, x0, y1, x1) as fractions of the crop
+    h: float = 1.0  # haematoxylin optical density factor
+    e: float = 1.0  # eosin optical density factor
+    grow: int = 0  # grey dilation (> 0) or erosion (< 0) radius of the haematoxylin channel, px: nuclear size
+    tophat: int = 0  # > 0: keep only haematoxylin structures smaller than this radius (small round nuclei)
+    background: float = 1.0  # with tophat: how much of the rest of the haematoxylin is kept
+
+
+# Tumour textures in the order `tumor_textures` takes them: the carcinoma crop as shipped, then grades.
+TUMOR_TEXTURES = ("tumor_0.jpg", "tumor_highgrade", "tumor_dense", "tumor_eosinophilic")
+MIMIC_TEXTURES = ("mimic_reactive", "mimic_hyperplasia")
+INFLAMMATION_TEXTURE = "inflammation"
+_VARIANTS = {
+    # enlarged, hyperchromatic nuclei
+    "tumor_highgrade": _Variant("tumor_0.jpg", grow=2, h=1.25, e=0.9),
+    # smaller, crowded cells
+    "tumor_dense": _Variant("tumor_0.jpg", scale=0.7, h=1.3),
+    # another part of the crop, more cytoplasm, pinker (better differentiated)
+    "tumor_eosinophilic": _Variant("tumor_0.jpg", scale=1.25, crop=(0.35, 0.35, 1.0, 1.0), h=0.85, e=1.35),
+    # benign mimic from the carcinoma: smaller, paler nuclei in larger cells -- close, not the same
+    "mimic_reactive": _Variant("tumor_0.jpg", scale=1.15, crop=(0.0, 0.0, 0.65, 0.65), grow=-2, h=0.95, e=1.05),
+    # benign mimic from normal epidermis: crowded, enlarged, dark nuclei
+    "mimic_hyperplasia": _Variant("normal_0.jpg", scale=0.9, grow=2, h=1.15, e=0.95),
+    # lymphocyte-like infiltrate: the small nuclei of the basal epidermis, dark, crowded, little cytoplasm
+    "inflammation": _Variant("normal_2.jpg", scale=0.85, crop=(0.15, 0.0, 1.0, 0.5), tophat=5, h=2.5, e=0.5,
+                             background=0.5),
+}
+
+
+def _native_mpp(name: str) -> float:
+    """Native µm/px of a texture (a shipped crop or a variant of one)."""
+    base = dict(_ALL_TEXTURES)
+    if name in base:
+        return base[name]
+    v = _VARIANTS[name]
+    return base[v.source] * v.scale
+
+
+def _od_to_rgb(hed: np.ndarray) -> np.ndarray:
+    from skimage import color
+
+    return (np.clip(color.hed2rgb(hed), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=16)
 def _load_texture(name: str) -> np.ndarray:
-    with (files("wsi") / "data" / name).open("rb") as fh:
-        return np.asarray(Image.open(fh).convert("RGB"))
+    """A texture's native pixels (read-only: shared between the slides written by one process)."""
+    if name in _VARIANTS:
+        img = _make_variant(_VARIANTS[name])
+    else:
+        with (files("wsi") / "data" / name).open("rb") as fh:
+            img = np.asarray(Image.open(fh).convert("RGB"))
+    img.flags.writeable = False
+    return img
+
+
+def _make_variant(v: _Variant) -> np.ndarray:
+    from scipy import ndimage as ndi
+    from skimage import color, morphology
+
+    img = _load_texture(v.source)
+    if v.crop is not None:
+        h, w = img.shape[:2]
+        y0, x0, y1, x1 = v.crop
+        img = img[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)]
+    hed = color.rgb2hed(img)
+    nuclei = hed[..., 0]
+    if v.tophat:
+        top = ndi.white_tophat(nuclei, footprint=morphology.disk(v.tophat))
+        top = ndi.grey_opening(top, footprint=morphology.disk(1))  # rounder
+        nuclei = top + v.background * (nuclei - top)
+    if v.grow > 0:
+        nuclei = ndi.grey_dilation(nuclei, footprint=morphology.disk(v.grow))
+    elif v.grow < 0:
+        nuclei = ndi.grey_erosion(nuclei, footprint=morphology.disk(-v.grow))
+    return _od_to_rgb(np.stack([nuclei * v.h, hed[..., 1] * v.e, hed[..., 2]], axis=-1))
+
+
+def _hed_jitter(img: np.ndarray, scales: tuple[float, float, float]) -> np.ndarray:
+    """Stain variation: haematoxylin, eosin and residual optical densities scaled per slide (Tellez et al. 2018)."""
+    from skimage import color
+
+    return _od_to_rgb(color.rgb2hed(img) * np.asarray(scales, np.float64))
+
+
+def _blur_periodic(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Scanner defocus: Gaussian blur of a periodic texture (wrapping, so it stays seamless)."""
+    from scipy import ndimage as ndi
+
+    if sigma_px <= 0:
+        return img
+    out = ndi.gaussian_filter(img.astype(np.float32), sigma=(sigma_px, sigma_px, 0), mode="wrap")
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def _stain_lut(rng: np.random.Generator) -> np.ndarray:

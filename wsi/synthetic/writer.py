@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from .layout import _LO, _Layout
 from .pyramid import _jpeg, _level_sizes
 from .render import _Scene
-from .textures import _ALL_TEXTURES
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +51,29 @@ def write_slide(
     seed: int = 0,
     quality: int = 80,
     progress: bool = True,
+    spec=None,
 ) -> list[np.ndarray]:
     """Write one pyramidal Aperio-like TIFF; return tumor polygons (level-0 x,y float arrays, Kx2).
 
     Pages: level 0 (tiled JPEG), a stripped thumbnail (as in real SVS files, so
     tifffile's SVS reader also sees the pyramid), then levels downsampled 4× each
     until the long side is <= 2048 px. Polygons are closed rings (first vertex
-    repeated last), one per tumor region; empty when ``n_tumor`` is 0.
+    repeated last), one per tumor region (and cluster); empty when ``n_tumor`` is 0.
+    ``spec`` (a `difficulty.SlideSpec`, as `make_cohort` draws it) adds the hard parts;
+    its JPEG quality replaces ``quality``.
     """
+    return _write_slide(path, width=width, height=height, mpp=mpp, tile_size=tile_size, n_tumor=n_tumor,
+                        seed=seed, quality=quality, progress=progress, spec=spec).polygons
+
+
+def _write_slide(path, *, width: int, height: int, mpp: float, tile_size: int, n_tumor: int, seed: int,
+                 quality: int, progress: bool, spec) -> _Layout:
     t0 = time.perf_counter()
     path = Path(path)
-    scene = _Scene.create(width=width, height=height, mpp=mpp, tile_size=tile_size, n_tumor=n_tumor, seed=seed)
+    if spec is not None:
+        quality = spec.quality
+    scene = _Scene.create(width=width, height=height, mpp=mpp, tile_size=tile_size, n_tumor=n_tumor, seed=seed,
+                          spec=spec)
     white = _jpeg(scene.background, quality)  # shared by every background tile of every level
     levels = _level_sizes(width, height)
     meta = f"|AppMag = {40 if mpp < 0.375 else 20}|MPP = {mpp}"
@@ -81,7 +92,7 @@ def write_slide(
     bigtiff = False
     if 1.1 * n_tiles * tile_size * tile_size * 3 > _BIGTIFF_ABOVE:  # JPEG is far smaller than raw; else estimate
         sample = max(len(_jpeg(np.ascontiguousarray(renderer.texture(name).window(0, 0, 0, tile_size, tile_size)),
-                               quality)) for name, _ in _ALL_TEXTURES)
+                               quality)) for name in scene.native)
         estimate = _estimate_bytes(scene.layout, levels, tile_size, int(1.3 * sample), len(white))
         bigtiff = estimate > _BIGTIFF_ABOVE
         logger.debug("%s: estimated %.0f MB, bigtiff=%s", path.name, estimate / 1e6, bigtiff)
@@ -124,4 +135,4 @@ def write_slide(
         path, width, height, len(levels), len(scene.layout.polygons), path.stat().st_size / 1e6,
         time.perf_counter() - t0,
     )
-    return scene.layout.polygons
+    return scene.layout
