@@ -194,6 +194,20 @@ def _make_layout(rng: np.random.Generator, width: int, height: int, mpp: float, 
         polygons = [_polygon(f, ds) for f in fields]
         tumor = np.maximum.reduce(fields) if fields else None
 
+    return _Layout(
+        ds=ds,
+        tissue=tissue,
+        tumor=tumor,
+        polygons=polygons,
+        **_placement(rng, width, height, mpp),
+        overlays=[] if tumor is None else [(_TUMOR_TEXTURE[0], tumor)],
+        info=_info([(_TUMOR_TEXTURE[0], b) for b in blobs], len(blobs), 0, [], [], float(tissue_bin.sum())),
+    )
+
+
+def _placement(rng: np.random.Generator, width: int, height: int, mpp: float) -> dict:
+    """Where each texture goes: the `_Layout` fields shared by the easy and the hard layout (drawn in
+    this order, so a seed gives the same slide as before)."""
     # Texture placement varies per Voronoi region of a jittered grid, so
     # neither the periodic crop nor a square grid of seams is obvious.
     cell = _CELL_UM / mpp
@@ -207,21 +221,11 @@ def _make_layout(rng: np.random.Generator, width: int, height: int, mpp: float, 
     compartments = _smooth_noise(rng, (gy, gx), n_ctrl=n_ctrl)
     normal_tex = np.digitize(compartments, np.quantile(compartments, [1 / 3, 2 / 3]))
     normal_tex = (normal_tex + int(rng.integers(len(_NORMAL_TEXTURES)))) % len(_NORMAL_TEXTURES)
-    return _Layout(
-        ds=ds,
-        tissue=tissue,
-        tumor=tumor,
-        polygons=polygons,
-        cell=cell,
-        seeds=seeds,
-        normal_tex=normal_tex,
-        normal_variant=rng.integers(0, 4, size=(gy, gx)),
-        normal_off=rng.uniform(0, 8192, size=(gy, gx, 2)),
-        tumor_variant=rng.integers(0, 4, size=(gy, gx)),
-        tumor_off=rng.uniform(0, 8192, size=(gy, gx, 2)),
-        overlays=[] if tumor is None else [(_TUMOR_TEXTURE[0], tumor)],
-        info=_info([(_TUMOR_TEXTURE[0], b) for b in blobs], len(blobs), 0, [], [], float(tissue_bin.sum())),
-    )
+    return {"cell": cell, "seeds": seeds, "normal_tex": normal_tex,
+            "normal_variant": rng.integers(0, 4, size=(gy, gx)),
+            "normal_off": rng.uniform(0, 8192, size=(gy, gx, 2)),
+            "tumor_variant": rng.integers(0, 4, size=(gy, gx)),
+            "tumor_off": rng.uniform(0, 8192, size=(gy, gx, 2))}
 
 
 def _info(tumor_blobs, n_regions: int, n_clusters: int, inflammation, mimics, tissue_area: float) -> dict:

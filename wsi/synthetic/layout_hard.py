@@ -12,9 +12,9 @@ import math
 import numpy as np
 from skimage import filters, measure, morphology
 
-from .layout import (_CELL_UM, _HI, _LAYOUT_MIN_PX, _LAYOUT_UM_FINE, _Layout, _ellipse_radius, _info, _polygon,
-                     _smooth_noise, _tissue_mask, _tumor_masks)
-from .textures import _NORMAL_TEXTURES, INFLAMMATION_TEXTURE, MIMIC_TEXTURES
+from .layout import (_HI, _LAYOUT_MIN_PX, _LAYOUT_UM_FINE, _Layout, _ellipse_radius, _info, _placement,
+                     _polygon, _smooth_noise, _tissue_mask, _tumor_masks)
+from .textures import INFLAMMATION_TEXTURE, MIMIC_TEXTURES
 
 logger = logging.getLogger(__name__)
 
@@ -181,27 +181,12 @@ def make_layout_hard(rng: np.random.Generator, width: int, height: int, mpp: flo
 
     info = _info(tumor_blobs, len(regions), len(clusters), inflammation, mimics, tissue_area)
 
-    cell = _CELL_UM / mpp
-    gy, gx = math.ceil(height / cell), math.ceil(width / cell)
-    jitter = rng.uniform(-0.4, 0.4, size=(gy, gx, 2))
-    grid = np.stack(np.mgrid[0:gy, 0:gx], axis=-1).astype(np.float64)
-    seeds = (grid + 0.5 + jitter) * cell
-    n_ctrl = max(2, round(max(width, height) * mpp / 2500.0))
-    compartments = _smooth_noise(rng, (gy, gx), n_ctrl=n_ctrl)
-    normal_tex = np.digitize(compartments, np.quantile(compartments, [1 / 3, 2 / 3]))
-    normal_tex = (normal_tex + int(rng.integers(len(_NORMAL_TEXTURES)))) % len(_NORMAL_TEXTURES)
     return _Layout(
         ds=ds,
         tissue=tissue,
         tumor=tumor,
         polygons=polygons,
-        cell=cell,
-        seeds=seeds,
-        normal_tex=normal_tex,
-        normal_variant=rng.integers(0, 4, size=(gy, gx)),
-        normal_off=rng.uniform(0, 8192, size=(gy, gx, 2)),
-        tumor_variant=rng.integers(0, 4, size=(gy, gx)),
-        tumor_off=rng.uniform(0, 8192, size=(gy, gx, 2)),
+        **_placement(rng, width, height, mpp),
         overlays=overlays,
         extra=extra,
         info=info,
