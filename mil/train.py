@@ -26,6 +26,7 @@ from wsi.runtime import (atomic_write_json, deterministic, large_frees_to_os, pa
 from .batching import BagBatcher
 from .checkpoint import check_resume, save_config, save_fold_model
 from .cohort import Bag, Cohort, name_ids
+from .backoff import Shadow, feedback_hurts
 from .config import TrainConfig, W2SConfig
 from .metrics import bag_metrics, instance_metrics, plot_curves, plot_roc, summarize
 from .models import create_model, get_spec
@@ -81,43 +82,6 @@ def batch_losses(model, out, attended, batch, cfg: TrainConfig, epoch: int, bina
         if feedback and ramp > 0 and w.distill_weight > 0:
             terms["distill"] = w.distill_weight * ramp * distill_loss(out.attention, out.instance_logits, attended, y)
     return terms
-
-
-@dataclass
-class Shadow:
-    """The bag branch as the run would train it without feedback: a copy of the bag branch trained on
-    the bag loss alone (plus the model's own auxiliary loss), on the same batches, sharing the
-    student. It is what `--w2s` falls back to when the student's feedback hurts (the back-off)."""
-
-    model: Any          # a DualMIL whose `bag` is the copy and whose `student` is the trained model's
-    opt: Any
-    sched: Any
-
-    @classmethod
-    def of(cls, model, cfg: TrainConfig, total_steps: int) -> "Shadow":
-        import copy
-
-        student, model.student = model.student, None
-        try:
-            twin = copy.deepcopy(model)
-        finally:
-            model.student = student
-        twin.student = student
-        opt = torch.optim.AdamW(twin.bag.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return cls(twin, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps)))
-
-    def step(self, x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> None:
-        bag = self.model.bag
-        bag.train()
-        logits, _, extras = bag(x, mask)
-        loss = F.cross_entropy(logits, y)
-        fn = getattr(bag, "extra_loss", None)
-        if fn is not None:
-            loss = loss + cfg.extra_weight * fn({**extras, "attended": mask}, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
 
 
 def train_epoch(model, batcher: BagBatcher, opt, sched, cfg: TrainConfig, epoch: int, binary: bool,
@@ -261,7 +225,7 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool) 
         if plain_ok and plain < best["plain"][0]:
             best["plain"] = [plain, state(plain_model), epoch]
         if shadow is not None and feedback:
-            reason = _feedback_hurts(row["val_loss"], plain, cfg.w2s.backoff_tol + cfg.w2s.backoff_rel * plain)
+            reason = feedback_hurts(row["val_loss"], plain, cfg.w2s.backoff_tol + cfg.w2s.backoff_rel * plain)
             bad_epochs = bad_epochs + 1 if reason else 0
             if reason and bad_epochs >= cfg.w2s.backoff_patience:
                 partial = filtering and can_filter and distilling
@@ -313,16 +277,6 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool) 
                         instance=_instance_eval(test_bags, ev) if binary else {"student": None, "attention": None},
                         w2s=w2s_info)
     return model, result
-
-
-def _feedback_hurts(loss_feedback: float, loss_plain: float, tol: float) -> str | None:
-    """Why the student's feedback hurts the bag branch this epoch, or None: the validation bag loss of
-    the model with feedback is worse than its feedback-free twin's by more than `tol` nats (a NaN
-    loss with feedback counts as worse)."""
-    if not np.isfinite(loss_feedback) or loss_feedback > loss_plain + tol:
-        return (f"validation bag loss {loss_feedback:.3f} with the student's feedback vs {loss_plain:.3f} "
-                f"without (tolerance {tol:.3f})")
-    return None
 
 
 def _no_best_epoch(fold: int, history: list[dict], bags: list[Bag], cfg: TrainConfig, has_val: bool) -> str:
