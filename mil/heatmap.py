@@ -24,18 +24,7 @@ ATTENTION_PCT = 99      # attention colour scale tops out here, so one hot tile 
 BAR_PX, TITLE_PX = 140, 36   # figure room right of the thumbnail (colour bar) and above it (title)
 
 
-def _canvas_size(meta, coords: np.ndarray, size0: float) -> tuple[int, int]:
-    """The slide's level-0 (width, height) as the store recorded it (SlideMeta), else the tiles' extent."""
-    if meta.width and meta.height:
-        w, h = meta.width, meta.height
-    elif len(coords):
-        w, h = (coords.max(0) + size0).tolist()
-    else:
-        w = h = size0
-    return max(1, int(w)), max(1, int(h))
-
-
-def slide_background(view, size0: float, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+def slide_background(view, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
     """The slide's thumbnail (RGB uint8; from its slide file, else its stored tiles) and its level-0 px
     per thumbnail px (x, y); a white canvas of the slide's shape (and a warning) when it has neither."""
     from wsi.errors import StoreError
@@ -45,7 +34,7 @@ def slide_background(view, size0: float, max_side: int) -> tuple[np.ndarray, tup
     except StoreError as e:
         why = str(e)
     meta = view.meta
-    w, h = _canvas_size(meta, view.coords, size0)
+    w, h = view.level0_size
     ds = max(w, h) / max_side
     log.warning("%s: source slide %s is missing or unreadable (%s); drawing the heatmap on a blank canvas",
                 view.slide_id, meta.source, why)
@@ -113,7 +102,7 @@ def write_heatmap(store, slide_id: str, out_dir: str | Path, *, run: str, max_si
                          "size (TRIDENT coords attrs, or CLAM's patches/ folder)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base, ds = slide_background(view, size0, max_side)
+    base, ds = slide_background(view, max_side)
 
     classes = list(pattrs.get("class_names") or [])
     probs = list(pattrs.get("bag_probs") or [])

@@ -93,8 +93,7 @@ def _mosaic(view: "SlideView", max_px: int) -> tuple[np.ndarray, tuple[float, fl
 
     m, coords = view.meta, view.coords
     size0 = float(m.tile_size_level0 or m.patch_size or 1)
-    w = m.width or int(coords[:, 0].max(initial=0) + size0)
-    h = m.height or int(coords[:, 1].max(initial=0) + size0)
+    w, h = view.level0_size
     ds = max(w, h) / max_px
     img = np.full((max(1, round(h / ds)), max(1, round(w / ds)), 3), 255, np.uint8)
     side = max(1, round(size0 / ds))

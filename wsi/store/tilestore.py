@@ -152,17 +152,23 @@ class TileStore:
 
     def __getitem__(self, slide_id: str) -> SlideView:
         validate_slide_id(slide_id)
-        view = self._views.get(slide_id)
+        view = self._views.get(slide_id) or self._load(slide_id)
         if view is None:
-            try:
-                group = self.root["slides"][slide_id]
-            except KeyError:
-                raise StoreError(f"{self.path}: no slide {slide_id!r}; it holds {len(self.slide_ids())} slides "
-                                 "(see `wsi info`)") from None
-            except Exception as e:
-                raise StoreError(f"{self.path}: slide {slide_id!r} is damaged ({type(e).__name__}: {e}); "
-                                 f"tile it again with --overwrite") from None
-            view = self._views[slide_id] = SlideView(self, slide_id, group)
+            raise StoreError(f"{self.path}: no slide {slide_id!r}; it holds {len(self.slide_ids())} slides "
+                             "(see `wsi info`)")
+        return view
+
+    def _load(self, slide_id: str) -> SlideView | None:
+        """A fresh view of the slide (cached), None when the store has none; StoreError when its
+        metadata cannot be read. One lookup, not a listing of every slide."""
+        try:
+            group = self.root["slides"][slide_id]
+        except KeyError:
+            return None
+        except Exception as e:
+            raise StoreError(f"{self.path}: slide {slide_id!r} is damaged ({type(e).__name__}: {e}); "
+                             f"tile it again with --overwrite") from None
+        view = self._views[slide_id] = SlideView(self, slide_id, group)
         return view
 
     def complete_ids(self) -> list[str]:
@@ -180,16 +186,9 @@ class TileStore:
         """"writing" | "complete" | "failed", or None when the store has no such slide. A slide whose
         metadata cannot be read raises StoreError: damage is reported, never taken for absence."""
         validate_slide_id(slide_id)
-        self._views.pop(slide_id, None)  # re-read: another process may have written it
-        try:  # one lookup, not a listing of every slide: complete_ids() stays linear in the slides
-            group = self.root["slides"][slide_id]
-        except KeyError:
-            return None
-        except Exception as e:
-            raise StoreError(f"{self.path}: slide {slide_id!r} is damaged ({type(e).__name__}: {e}); "
-                             f"tile it again with --overwrite") from None
-        view = self._views[slide_id] = SlideView(self, slide_id, group)
-        return view.meta.status
+        self._views.pop(slide_id, None)  # re-read: another process may have written (or removed) it
+        view = self._load(slide_id)
+        return None if view is None else view.meta.status
 
     def info(self) -> list[dict[str, Any]]:
         """One summary dict per slide (`wsi info`); a damaged slide shows status "damaged" and why."""

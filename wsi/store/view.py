@@ -105,6 +105,16 @@ class SlideView:
         return int(self._g["coords"].shape[0]) if self._has("coords") else 0
 
     @property
+    def level0_size(self) -> tuple[int, int]:
+        """Level-0 (width, height): as tiling or the import recorded it, else the tiles' extent."""
+        m = self.meta
+        if m.width and m.height:
+            return max(1, int(m.width)), max(1, int(m.height))
+        size0 = float(m.tile_size_level0 or m.patch_size or 1)
+        c = self.coords
+        return (max(1, int(c[:, 0].max(initial=0) + size0)), max(1, int(c[:, 1].max(initial=0) + size0)))
+
+    @property
     def has_tiles(self) -> bool:
         return self._has("tiles")
 
