@@ -101,17 +101,9 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
-def _require_store(path) -> None:
-    """A command that reads or adds to a store needs an existing one: a typo never creates a store."""
-    from .store import TileStore
-
-    TileStore.open(path, readonly=True)
-
-
 def _cmd_embed(a: argparse.Namespace) -> int:
     from .embed import EmbedConfig, embed_store, results_json
 
-    _require_store(a.store)
     cfg = config_from_args(EmbedConfig, a)
     results = embed_store(a.store, cfg, a.slides, progress=not a.quiet and not a.no_progress)
     if a.json:
@@ -140,7 +132,6 @@ def _cmd_import_h5(a: argparse.Namespace) -> int:
 def _cmd_export_h5(a: argparse.Namespace) -> int:
     from .interop import export_h5
 
-    _require_store(a.store)
     with _user_errors():
         results = export_h5(a.store, a.encoder, a.out, progress=not a.quiet)
     ok = sum(r.status == "exported" for r in results)
@@ -152,7 +143,6 @@ def _cmd_export_h5(a: argparse.Namespace) -> int:
 def _cmd_labels(a: argparse.Namespace) -> int:
     from .annotations import label_store, results_json, results_table
 
-    _require_store(a.store)
     classes = [c.strip() for c in a.classes.split(",") if c.strip()] if a.classes else None
     with _user_errors():
         results = label_store(a.store, a.annotations, name=a.name, classes=classes, missing=a.missing,
