@@ -4,8 +4,10 @@ Labels CSV (comma-separated, one row per slide):
 
     slide_id,label[,patient_id][,split]      patient_id defaults to slide_id; split is train/val/test
 
-A patient's slides share a label (a conflict is an error), because splits are made per patient.
-Every problem is a one-line `LabelsError` naming the file and the fix.
+Labels are per slide: a patient may have slides of different labels (TCGA's tumour and normal-tissue
+slides of one patient). Splits are per patient (mil.splits keeps a patient's slides in one part and
+stratifies by each patient's set of labels). Every problem is a one-line `LabelsError` naming the
+file and the fix.
 """
 from __future__ import annotations
 
@@ -97,13 +99,6 @@ def read_labels_csv(path: str | Path) -> list[LabelRow]:
         rows.append(LabelRow(sid, get("patient_id") or sid, label, part, line))
     if not rows:
         raise LabelsError(f"{path}: a header but no rows; add one row per slide (slide_id,label)")
-    first: dict[str, LabelRow] = {}
-    for r in rows:
-        o = first.setdefault(r.patient_id, r)
-        if o.label != r.label:
-            raise LabelsError(f"{path}: patient {r.patient_id!r} has slides with different labels ({o.slide_id!r}: "
-                              f"{o.label!r}, line {o.line}; {r.slide_id!r}: {r.label!r}, line {r.line}); splits "
-                              "are made per patient, so correct the labels or give the slides different patient_id")
     return rows
 
 

@@ -8,7 +8,10 @@
 4. tile labels from the tumor annotations (`wsi labels`), for measuring instance-level quality;
 5. ABMIL cross-validated on slide labels alone, without and with weak-to-strong correction
    (`mil train [--w2s]`), bag and instance AUC printed side by side;
-6. the corrected model's tile scores written back to the store and drawn (`mil predict`, `mil heatmap`).
+6. the corrected model's tile scores written back to the store and drawn (`mil predict`, `mil heatmap`);
+7. PathoCLIP: captions from the tile labels (`clip captions`), pathoclip-lite trained on the training
+   slides (`clip train`), zero-shot, retrieval and 8-shot probe on held-out slides, next to the
+   untrained model (`clip zeroshot / retrieve / probe`).
 
 Run again and it resumes: complete slides are skipped. `--fresh` starts over.
 """
@@ -55,21 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{synth_dir} holds another cohort size; pass --fresh to start over")
         return 2
     if not labels.is_file():
-        print(f"[1/7] writing {a.slides} synthetic slides ({a.size}x{a.size * 3 // 4} px, 0.25 µm/px) to {synth_dir}")
+        print(f"[1/8] writing {a.slides} synthetic slides ({a.size}x{a.size * 3 // 4} px, 0.25 µm/px) to {synth_dir}")
         make_cohort(synth_dir, n_slides=a.slides, seed=a.seed, width=a.size, height=a.size * 3 // 4,
                     workers=a.workers)
     else:
-        print(f"[1/7] synthetic cohort already in {synth_dir}")
+        print(f"[1/8] synthetic cohort already in {synth_dir}")
     real = fetch_sample("cmu_small_region.svs")
-    print(f"[2/7] real slide: {real}")
+    print(f"[2/8] real slide: {real}")
 
     cohort = a.out / "cohort.csv"
     rows = ["path,slide_id"] + [f"{s},{s.stem}" for s in sorted(synth_dir.glob("*.svs"))] + [f"{real},cmu_small_region"]
     cohort.write_text("\n".join(rows) + "\n")
     store = a.out / "cohort.zarr"
-    print(f"[3/7] tiling {len(rows) - 1} slides into {store} (0.5 µm/px, 256 px tiles)")
+    print(f"[3/8] tiling {len(rows) - 1} slides into {store} (0.5 µm/px, 256 px tiles)")
     results = tile_cohort(resolve_sources([cohort]), store, TilingConfig(), workers=a.workers, viz_dir=a.out / "viz")
-    print(f"[4/7] embedding every tile with {a.encoder}")
+    print(f"[4/8] embedding every tile with {a.encoder}")
     embedded = embed_store(store, EmbedConfig(a.encoder, batch_size=64))
     failed_embed = [r for r in embedded if r.status == "failed"]
     print()
@@ -85,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from mil.w2s import W2SConfig
     from wsi.annotations import label_store
 
-    print(f"\n[5/7] tile labels from {synth_dir / 'annotations'} (a tile is tumor when > 50% annotated)")
+    print(f"\n[5/8] tile labels from {synth_dir / 'annotations'} (a tile is tumor when > 50% annotated)")
     label_store(store, synth_dir / "annotations", name="tumor", progress=False)
-    print(f"[6/7] ABMIL on slide labels alone, {a.folds}-fold, without and with weak-to-strong correction "
+    print(f"[6/8] ABMIL on slide labels alone, {a.folds}-fold, without and with weak-to-strong correction "
           "(the real slide has no label: it is listed and left out)")
     cohort_m = load_cohort(labels, store=store, encoder=a.encoder, instance_labels="tumor", progress=False)
     runs = a.out / "runs"
@@ -100,13 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     print("bag AUC: slide classification on held-out folds; instance AUC: the tiles' tumor scores against the "
           "annotations (student = instance branch)")
     best = runs / "abmil-w2s"
-    print(f"\n[7/7] tile scores of {best.name} into the store and heatmaps into {a.out / 'heatmaps'}")
+    print(f"\n[7/8] tile scores of {best.name} into the store and heatmaps into {a.out / 'heatmaps'}")
     predict_store(store, best, progress=False)
     tumor = [b.slide_id for b in cohort_m.bags if b.label == 1][0]
     pics = []
     for sid in (tumor, "cmu_small_region"):
         pics += write_heatmap(store, sid, a.out / "heatmaps", run=best.name)
     print("\n".join(f"  {p}" for p in pics))
+    sys.path.insert(0, str(REPO / "scripts"))
+    from demo_clip import clip_stage, rows_table
+
+    print(f"\n[8/8] PathoCLIP: captions from the tile labels of the training slides, pathoclip-lite trained on them "
+          "(locked image tower), evaluated on held-out slides with prompts not used in training")
+    print(rows_table(clip_stage(store, labels, a.out / "clip", seed=a.seed)))
     print(f"\nstore: {store}   overviews: {a.out / 'viz'}   runs: {runs}   ({time.perf_counter() - t0:.0f} s)")
     print(f"inspect with: .venv/bin/wsi info {store}   and   open {runs / 'abmil-w2s' / 'roc.png'}")
     return 1 if any(r.status == "failed" for r in results) or failed_embed else 0

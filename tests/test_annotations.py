@@ -313,9 +313,10 @@ def test_wsi_labels_cli(tmp_path, capsys):
                              feature({"type": "Polygon", "coordinates": [sq(T, 0, 2 * T, T)]}, "Stroma")]))
     assert main(["-q", "labels", str(store_path), "--annotations", str(f), "--classes", "Tumor"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:-1]}
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:-2]}
     assert rows == {"s1": ["labelled", "2", "1", "s1.geojson"], "s2": ["negative", "2", "0", "-"]}
     assert "1 labelled from annotations, 1 all negative" in out
+    assert out.splitlines()[-1] == "classes used: Tumor (1 slide); excluded: none; ignored: Stroma (1 slide)"
     assert main(["-q", "labels", str(store_path), "--annotations", str(f), "--name", "all", "--json"]) == 0
     assert {r["slide_id"]: r["n_positive"] for r in json.loads(capsys.readouterr().out)} == {"s1": 2, "s2": 0}
     assert main(["-q", "labels", str(tmp_path / "none.zarr"), "--annotations", str(f)]) == 2

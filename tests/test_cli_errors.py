@@ -85,6 +85,25 @@ def test_traceback_only_with_verbose(tmp_path, capsys):
     assert r.stderr.strip().splitlines()[-1].startswith("wsi: error: ")
 
 
+def test_verbose_and_quiet_after_the_subcommand(tmp_path, capsys):
+    """-q / -v are accepted before or after the subcommand, for wsi and mil alike, and add up."""
+    from mil.cli import build_parser as mil_parser
+
+    train = ["train", "--store", "s.zarr", "--labels", "l.csv", "--encoder", "e", "--out", "run"]
+    for argv, verbose, quiet in ((train, 0, False), (train + ["-q"], 0, True), (["-q", *train], 0, True),
+                                 (["-v", *train, "-v", "--quiet"], 2, True), (["-q", *train, "-q"], 0, True)):
+        a = mil_parser().parse_args(argv)
+        assert (a.verbose, a.quiet, a.command, a.out) == (verbose, quiet, "train", Path("run")), argv
+        assert not {"sub_verbose", "sub_quiet"} & set(vars(a))
+    store = make_store(tmp_path / "s.zarr", {"a": 2})
+    a = build_parser().parse_args(["info", str(store.path), "-v"])
+    assert (a.verbose, a.quiet, a.store) == (1, False, str(store.path))
+    assert wsi_main(capsys, "info", str(store.path), "-v").returncode == 0
+    # -v after the subcommand is honoured: the error comes with its traceback
+    r = wsi("info", str(tmp_path / "none.zarr"), "-v")
+    assert r.returncode == 2 and "Traceback (most recent call last)" in r.stderr
+
+
 def test_user_value_errors_are_one_line(tmp_path, capsys):
     store = make_store(tmp_path / "s.zarr", {"a": 2})
     ann = tmp_path / "a.geojson"

@@ -36,7 +36,8 @@ def test_entry_builds_from_config_with_declared_dim(name):
             y = enc(torch.empty(2, 3, spec.input_size, spec.input_size))
     assert tuple(y.shape) == (2, spec.dim)
     assert spec.license != "unknown" and spec.hub_id
-    assert enc.task == spec.task == ("image-text" if name in ("quiltnet-b-16", "plip", "conch") else "image")
+    image_text = name in ("quiltnet-b-16", "plip", "conch") or name.startswith("pathoclip")  # clip/ adds pathoclip-*
+    assert enc.task == spec.task == ("image-text" if image_text else "image")
 
 
 def test_efficientnet_lite0_real_weights_recognise_a_cat():
@@ -315,10 +316,13 @@ def test_local_safetensors_and_timm_generic(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(enc(x), ref(x))
     assert enc.spec.dim == 512 and enc.weights == str(path)
-    bad = tmp_path / "r10.pt"
-    torch.save(ref.state_dict(), bad)
-    with pytest.raises(EncoderError, match="only .safetensors"):
-        create_encoder("timm:resnet10t", weights=str(bad))
+    pt = tmp_path / "r10.pt"  # a plain state dict: read with torch.load(weights_only=True)
+    torch.save({"state_dict": ref.state_dict(), "epoch": 3}, pt)
+    with torch.inference_mode():
+        torch.testing.assert_close(create_encoder("timm:resnet10t", weights=str(pt))(x), ref(x))
+    with pytest.raises(EncoderError, match="unknown weights format"):
+        create_encoder("timm:resnet10t", weights=str(tmp_path / "r10.npz").replace("npz", "pt") + ".npz") \
+            if (tmp_path / "r10.pt.npz").write_bytes(b"x") else None
 
 
 @pytest.mark.hub

@@ -23,7 +23,6 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     (["id", "label"], [["a", "x"]], "no 'slide_id' column"),
     (["slide_id", "label"], [["a", "x"], ["b", "y"], ["a", "y"]], "'a' appears twice"),
     (["slide_id", "label", "split"], [["a", "x", "train"], ["b", "y", "holdout"]], "line 3.*'holdout'"),
-    (["slide_id", "label", "patient_id"], [["a", "normal", "P1"], ["b", "tumor", "P1"]], "patient 'P1'"),
     (["slide_id", "label"], [], "no rows"),
     (["slide_id", "label"], [["a", ""]], "line 2.*no label"),
     (["slide_id", "label", "label"], [["a", "x", "y"]], "'label' appears more than once"),

@@ -110,14 +110,19 @@ def test_write_splits(tmp_path):
     splits = make_splits(c, 3, seed=0)
     d = write_splits(c, splits, tmp_path / "run")
     assert d == tmp_path / "run" / "splits"
-    assert sorted(p.name for p in d.iterdir()) == ["fold_0.csv", "fold_1.csv", "fold_2.csv"]
+    assert sorted(p.name for p in d.iterdir()) == ["README.txt", "fold_0.csv", "fold_1.csv", "fold_2.csv"]
     for s in splits:
         with (d / f"fold_{s.fold}.csv").open() as f:
             rows = list(csv.DictReader(f))
-        assert list(rows[0]) == ["slide_id", "patient_id", "label", "part"]
-        got = {r["slide_id"]: (r["patient_id"], r["label"], r["part"]) for r in rows}
+        assert list(rows[0]) == ["slide_id", "patient_id", "label", "part", "patient_labels", "stratum"]
+        got = {r["slide_id"]: (r["patient_id"], r["label"], r["part"], r["patient_labels"], r["stratum"])
+               for r in rows}
         assert len(got) == len(rows) == len(c.bags)
         for part in ("train", "val", "test"):
             for i in getattr(s, part):
                 b = c.bags[i]
-                assert got[b.slide_id] == (b.patient_id, c.class_names[b.label], part)
+                name = c.class_names[b.label]      # one label per patient here: stratum = the label
+                assert got[b.slide_id] == (b.patient_id, name, part, name, name)
+    note = (d / "README.txt").read_text()
+    assert "Splits by patient (stratified folds)" in note and "0 patients have slides of different labels" in note
+    assert note.count("fold ") == 3 and "normal: " in note and "tumor: " in note

@@ -19,12 +19,40 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
+_VERBOSE_HELP = "more log lines; tracebacks of errors"
+_QUIET_HELP = "warnings and errors only, no progress bars"
+
+
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser: -v / -q are accepted after the subcommand too (`mil train ... -q`).
+    They land in their own dests, so a subcommand never resets what was given before it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=argparse.SUPPRESS,
+                          help=_VERBOSE_HELP)
+        self.add_argument("-q", "--quiet", dest="sub_quiet", action="store_true", default=argparse.SUPPRESS,
+                          help=_QUIET_HELP)
+
+
+class _Command(argparse.ArgumentParser):
+    """The top-level parser: folds the subcommand's -v / -q into `verbose` / `quiet`."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, rest = super().parse_known_args(args, namespace)
+        sub_verbose, sub_quiet = vars(ns).pop("sub_verbose", 0), vars(ns).pop("sub_quiet", False)
+        ns.verbose = getattr(ns, "verbose", 0) + sub_verbose
+        ns.quiet = bool(getattr(ns, "quiet", False) or sub_quiet)
+        return ns, rest
+
+
 def command_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    """The top-level parser with -v / -q, and its (required) subcommands."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more log lines; tracebacks of errors")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
-    return p, p.add_subparsers(dest="command", required=True)
+    """The top-level parser with -v / -q, and its (required) subcommands, which accept -v / -q as well
+    (before or after the subcommand: `mil -q train ...` and `mil train ... -q` are the same)."""
+    p = _Command(prog=prog, description=description)
+    p.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
+    return p, p.add_subparsers(dest="command", required=True, parser_class=_Subcommand)
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:

@@ -5,7 +5,7 @@
 --setting synth (default): per seed, a `wsi synth` cohort (half tumor, 1-3 annotated tumor regions
 each) is written, tiled at 0.5 µm/px, embedded with EfficientNet-Lite0 (real ImageNet weights) and
 labelled from its GeoJSON annotations; cached under .cache/bench/w2s/.
---setting hard-synth: the same with `wsi synth --preset hard` (tumour grades, benign mimics, margin
+--setting hard-synth: 48 slides of 16384 px with `wsi synth --preset hard` (tumour grades, benign mimics, margin
 inflammation, small tumour fractions, stain / blur / JPEG variation); cached under
 .cache/bench/w2s/hard/.
 --setting features: per seed, a feature-level cohort with a margin confounder (mil/simulate.py:
@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def build_cohort(root: Path, seed: int, n_slides: int, size: int, encoder: str, preset: str = "easy") -> Path:
+def build_cohort(root: Path, seed: int, n_slides: int, size: int, encoder: str, preset: str = "easy",
+                 workers: int = 2) -> Path:
     """Synthetic slides -> tiled, embedded, labelled store (each step skipped when already done)."""
     from wsi.annotations import label_store
     from wsi.cohort import resolve_sources
@@ -43,10 +44,10 @@ def build_cohort(root: Path, seed: int, n_slides: int, size: int, encoder: str, 
 
     d = root / (f"seed{seed}" if preset == "easy" else f"{preset}/seed{seed}")
     if not (d / "synth" / "labels.csv").exists():
-        make_cohort(d / "synth", n_slides=n_slides, seed=seed, width=size, height=size * 3 // 4, workers=2,
+        make_cohort(d / "synth", n_slides=n_slides, seed=seed, width=size, height=size * 3 // 4, workers=workers,
                     progress=False, preset=preset)
     store = d / "cohort.zarr"
-    tile_cohort(resolve_sources([d / "synth"]), store, TilingConfig(), workers=2, progress=False)
+    tile_cohort(resolve_sources([d / "synth"]), store, TilingConfig(), workers=workers, progress=False)
     embed_store(store, EmbedConfig(encoder, batch_size=64), progress=False)
     label_store(store, d / "synth" / "annotations", name="tumor", progress=False)
     return d
@@ -101,7 +102,8 @@ def main() -> None:
                         "features: feature-level cohorts with a margin confounder (mil/simulate.py)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--slides", type=int, default=None, help="slides per cohort (default: 32 synth, 48 features)")
-    p.add_argument("--size", type=int, default=8192, help="synthetic slide width in px at 0.25 µm/px")
+    p.add_argument("--size", type=int, default=None,
+                   help="synthetic slide width in px at 0.25 µm/px (default 8192; 16384 for hard-synth)")
     p.add_argument("--models", nargs="+", default=["abmil", "clam-sb", "dsmil", "transmil"])
     p.add_argument("--folds", type=int, default=None, help="default: 4 synth, 3 features")
     p.add_argument("--epochs", type=int, default=None, help="default: 40 synth, 20 features")
@@ -110,9 +112,17 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=REPO / ".cache" / "bench" / "w2s")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="where MIL trains (cpu | cuda); embedding takes a GPU when there")
+    p.add_argument("--workers", type=int, default=2, help="processes writing and tiling the synthetic slides")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="print one table from the --json files of earlier runs (e.g. one seed each) and exit")
     a = p.parse_args()
     feats = a.setting == "features"
-    a.slides = a.slides or (48 if feats else 32)
+    hard = a.setting == "hard-synth"
+    a.slides = a.slides or (48 if feats or hard else 32)
+    # hard slides hold tumour in 0.5-5 % of their tissue: at 8192 px (~100 tissue tiles) that is one or
+    # two tiles, so the hard setting uses slides four times the area (~400 tissue tiles)
+    a.size = a.size or (16384 if hard else 8192)
     a.folds = a.folds or (3 if feats else 4)
     a.epochs = a.epochs or (20 if feats else 40)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -127,7 +137,15 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     runs: dict[tuple[str, bool], list[dict]] = {}
-    for seed in a.seeds:
+    if a.merge:  # per-seed JSON files (e.g. seeds run in parallel) -> one table
+        parts = [json.loads(f.read_text()) for f in a.merge]
+        a.seeds = [s for p in parts for s in p["seeds"]]
+        a.setting, a.slides, a.folds, a.epochs = (parts[0][k] for k in ("setting", "slides", "folds", "epochs"))
+        a.models = list(dict.fromkeys(r["model"] for r in parts[0]["rows"]))
+        for p in parts:
+            for r in p["rows"]:
+                runs.setdefault((r["model"], r["w2s"]), []).extend(r["per_seed"])
+    for seed in ([] if a.merge else a.seeds):
         t0 = time.perf_counter()
         if feats:
             d = a.cache / "features" / f"seed{seed}"
@@ -136,7 +154,7 @@ def main() -> None:
                 diagnose(cohort, kinds, seed, a.epochs, a.folds)
         else:
             d = build_cohort(a.cache, seed, a.slides, a.size, a.encoder,
-                             preset="hard" if a.setting == "hard-synth" else "easy")
+                             preset="hard" if a.setting == "hard-synth" else "easy", workers=a.workers)
             cohort = load_cohort(d / "synth" / "labels.csv", store=d / "cohort.zarr", encoder=a.encoder,
                                  instance_labels="tumor", progress=False)
         n_inst = sum(len(b.features) for b in cohort.bags)
@@ -146,7 +164,7 @@ def main() -> None:
         for model in a.models:
             for w2s in (False, True):
                 t0 = time.perf_counter()
-                cfg = TrainConfig(model=model, epochs=a.epochs, folds=a.folds, seed=seed, device="cpu",
+                cfg = TrainConfig(model=model, epochs=a.epochs, folds=a.folds, seed=seed, device=a.device,
                                   w2s=W2SConfig(enabled=w2s))
                 out = d / "runs" / f"{model}{'-w2s' if w2s else ''}"
                 if feats and out.exists():   # in-memory cohorts: a fresh run each time (code may have changed)
@@ -156,9 +174,10 @@ def main() -> None:
                 m = train_cohort(cohort, cfg, out, instance_labels="tumor", progress=False)
                 runs.setdefault((model, w2s), []).append(m)
                 offs = [b[-1]["turned_off"] for b in m.get("w2s_backoff") or [] if b]
-                print(f"  {model:9s} w2s={'yes' if w2s else 'no ':3s} bag AUC {m['bag_auc']['mean']:.3f}  "
-                      f"instance AUC student {m['instance_auc']['mean']:.3f} attention "
-                      f"{m['instance_auc_attention']['mean']:.3f}  ({time.perf_counter() - t0:.0f} s)"
+                f = lambda k: "-" if not m.get(k) else f"{m[k]['mean']:.3f}"  # noqa: E731
+                print(f"  {model:9s} w2s={'yes' if w2s else 'no ':3s} bag AUC {f('bag_auc')}  "
+                      f"instance AUC student {f('instance_auc')} attention "
+                      f"{f('instance_auc_attention')}  ({time.perf_counter() - t0:.0f} s)"
                       f"{f'  back-off in {len(offs)}/{a.folds} folds: {offs}' if w2s else ''}", flush=True)
 
     def stat(ms: list[dict], key: str) -> tuple[float, float]:

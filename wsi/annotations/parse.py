@@ -4,12 +4,23 @@ Coordinates are level-0 pixels, the convention of QuPath exports, ASAP and the s
 The reader turns area annotations into `Region`s (exclusions marked: Camelyon16 group `_2`); the
 writer, `tiles_geojson`, gives tiles with per-tile measurements as QuPath "tile" objects, which this
 reader reads back with `object_types={"tile"}`.
+
+QuPath's GeoJSON, as each version writes it, read as QuPath's own reader does:
+- object type: `properties.objectType` (>= 0.3), the legacy `object_type`, or in 0.2 the feature's
+  `"id"` (`PathAnnotationObject`, `PathDetectionObject`, `PathCellObject`, `PathTileObject`); an
+  untyped or unknown object is an annotation. Only annotations are regions: detections, cells and
+  tiles are QuPath's measured objects (often thousands of cells), not areas someone annotated.
+- class: `classification.names` (>= 0.4 derived classes, `["Tumor", "Positive"]` -> "Tumor: Positive"),
+  `classification.name` with its `parentClass` chain (<= 0.3), else `properties.name`; "" when
+  unclassified (shown as "unclassified"). A class matches a chosen name by its full name or its base
+  (the first name), so `Tumor` matches "Tumor: Positive".
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Collection
 
@@ -19,10 +30,16 @@ from ..errors import AnnotationError
 
 log = logging.getLogger(__name__)
 
-EXCLUSION_CLASSES = frozenset({"_2", "exclusion"})   # subtracted from the included regions
-IGNORED_PREFIXES = ("ignore", "region")             # QuPath's "Ignore*" and "Region*": unused by default
+EXCLUSION_CLASSES = frozenset({"_2", "exclusion"})   # always subtracted from the included regions
+IGNORED_CLASSES = frozenset({"ignore*", "region*"})  # QuPath's own "Ignore*" and "Region*": unused by default
+UNCLASSIFIED = "unclassified"                        # how a region without a class is named to users
 ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml")
 ANNOTATION_OBJECTS = frozenset({"annotation"})      # QuPath object types read by default
+# QuPath 0.2 wrote the Java class as the feature's "id"; QuPath's reader maps these (and the
+# snake-case TMA name) to today's object types.
+_QUPATH_TYPES = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection", "PathCellObject": "cell",
+                 "PathTileObject": "tile", "TMACoreObject": "tmaCore", "PathRootObject": "root", "tma_core": "tmaCore"}
+_KNOWN_TYPES = frozenset(_QUPATH_TYPES.values())
 _AREA_TYPES_ASAP = {"polygon", "spline", "rectangle"}
 _NO_AREA_GEOMETRIES = {"Point", "MultiPoint", "LineString", "MultiLineString"}
 
@@ -46,8 +63,31 @@ def _ring_area(r: np.ndarray) -> float:
     return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
 
 
-def is_exclusion(name: str) -> bool:
-    return name.strip().lower() in EXCLUSION_CLASSES
+def class_base(name: str) -> str:
+    """The base of a QuPath derived class: "Tumor" of "Tumor: Positive"."""
+    return name.split(":", 1)[0].strip()
+
+
+def class_label(name: str) -> str:
+    """A class as users are told it: "unclassified" for a region without one."""
+    return name.strip() or UNCLASSIFIED
+
+
+def class_matches(name: str, wanted: Collection[str]) -> bool:
+    """Whether class `name` is one of `wanted` (lower-case): by its full name, its base class, or
+    "unclassified" for a region without a class."""
+    n = name.strip().lower()
+    return (n or UNCLASSIFIED) in wanted or class_base(n) in wanted
+
+
+def is_exclusion(name: str, extra: Collection[str] = ()) -> bool:
+    """Whether class `name` is subtracted: `_2`, `Exclusion`, or one of `extra` (any case)."""
+    return class_matches(name, EXCLUSION_CLASSES | {c.strip().lower() for c in extra})
+
+
+def is_ignored(name: str) -> bool:
+    """QuPath's own "Ignore*" and "Region*" classes (the literal names, star included; derived too)."""
+    return class_matches(name, IGNORED_CLASSES)
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -71,9 +111,10 @@ def parse_geojson(text: str, path: str | Path = "<geojson>",
                   object_types: Collection[str] = ANNOTATION_OBJECTS) -> list[Region]:
     """QuPath GeoJSON: a FeatureCollection, a bare list of Features (QuPath's export), or one Feature.
 
-    Only objects of `object_types` (and those without an `objectType`) are used: by default
-    annotations, so detections, cells and tiles are skipped. The class is
-    `properties.classification.name`, else `properties.name`, else "".
+    Only objects of `object_types` are used (the type read as QuPath reads it, see the module
+    docstring; an untyped object is an annotation): by default annotations, so detections, cells and
+    tiles are skipped, and a file holding nothing else gets a warning naming it. The class is the
+    QuPath classification's full derived name ("Tumor: Positive"), else `properties.name`, else "".
     """
     try:
         doc = json.loads(text)
@@ -94,29 +135,64 @@ def parse_geojson(text: str, path: str | Path = "<geojson>",
         raise AnnotationError(f"{path}: expected a GeoJSON FeatureCollection, Feature or list of Features, "
                               f"got {what!r}")
     regions: list[Region] = []
-    skipped = 0
+    skipped: Counter[str] = Counter()
+    kept = 0
     for i, feat in enumerate(features):
         if not isinstance(feat, dict) or feat.get("type") != "Feature":
             raise AnnotationError(f"{path}: item {i} is not a GeoJSON Feature")
         props = feat.get("properties") or {}
         if not isinstance(props, dict):
             raise AnnotationError(f"{path}: feature {i}: 'properties' is not an object")
-        obj = props.get("objectType", feat.get("objectType"))
-        if obj is not None and obj not in object_types:
-            skipped += 1
+        obj = object_type(feat)
+        if obj not in object_types:
+            skipped[obj] += 1
             continue
+        kept += 1
         name = _class_name(props)
         for ext, holes in _polygons(feat.get("geometry"), f"{path}: feature {i}"):
             regions.append(Region(name, ext, holes, is_exclusion(name)))
-    if skipped:
-        log.debug("%s: skipped %d objects of other types than %s", path, skipped, ", ".join(sorted(object_types)))
+    if skipped and not kept:
+        what = ", ".join(f"{n} {t}" for t, n in skipped.most_common())
+        log.warning("%s: no QuPath %s objects, only %s objects, which are not read as annotated regions "
+                    "(QuPath's detections, cells and tiles are measured objects, not annotations): no tile is "
+                    "labelled from this file; export the annotations, or convert the detections to annotations "
+                    "in QuPath", path, "/".join(sorted(object_types)), what)
+    elif skipped:
+        log.debug("%s: skipped %d objects of other types than %s", path, sum(skipped.values()),
+                  ", ".join(sorted(object_types)))
     return regions
+
+
+def object_type(feat: dict) -> str:
+    """A QuPath GeoJSON feature's object type, as QuPath's reader finds it: `properties.objectType`,
+    the legacy `object_type` or `type`, else the 0.2 `"id"` (`PathDetectionObject`, ...); untyped or
+    unknown: "annotation". One of annotation, detection, cell, tile, tmaCore, root."""
+    props = feat.get("properties") if isinstance(feat.get("properties"), dict) else {}
+    t = None
+    for key in ("objectType", "object_type", "type"):
+        if isinstance(props.get(key), str):
+            t = props[key]
+            break
+    if t is None and isinstance(feat.get("objectType"), str):
+        t = feat["objectType"]
+    if t is None and isinstance(feat.get("id"), str) and feat["id"] in _QUPATH_TYPES:
+        t = feat["id"]
+    t = _QUPATH_TYPES.get(t, t)
+    return t if t in _KNOWN_TYPES else "annotation"
 
 
 def _class_name(props: dict) -> str:
     c = props.get("classification")
-    if isinstance(c, dict) and isinstance(c.get("name"), str):
-        return c["name"]
+    if isinstance(c, dict):
+        names = c.get("names")          # QuPath >= 0.4: ["Tumor", "Positive"] for "Tumor: Positive"
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return ": ".join(n.strip() for n in names)
+        if isinstance(c.get("name"), str):
+            chain, parent = [c["name"].strip()], c.get("parentClass")
+            while isinstance(parent, dict) and isinstance(parent.get("name"), str) and len(chain) < 32:
+                chain.insert(0, parent["name"].strip())          # QuPath <= 0.3 derived classes
+                parent = parent.get("parentClass")
+            return ": ".join(chain)
     if isinstance(c, str):
         return c
     return props["name"] if isinstance(props.get("name"), str) else ""
@@ -207,18 +283,46 @@ def parse_asap_xml(text: str, path: str | Path = "<xml>") -> list[Region]:
     return regions
 
 
-def select_regions(regions: list[Region], classes: list[str] | None = None) -> list[Region]:
-    """The regions that label tiles: exclusions always, plus the chosen classes.
+def check_class_options(classes: Collection[str] | None, exclude: Collection[str] | None) -> None:
+    """AnnotationError when a class is both chosen and excluded."""
+    if not classes:
+        return
+    excl = EXCLUSION_CLASSES | {c.strip().lower() for c in exclude or ()}
+    both = [c for c in classes if c.strip().lower() in excl]
+    if both:
+        raise AnnotationError(f"class {', '.join(both)} is both chosen (--classes) and subtracted (--exclude-classes, "
+                              "or _2 / Exclusion); drop it from one of them")
 
-    `classes=None`: every class except exclusions and QuPath's "Ignore*" / "Region*". Otherwise the
-    named classes (case-insensitive).
+
+def select_regions(regions: list[Region], classes: Collection[str] | None = None,
+                   exclude: Collection[str] | None = None) -> list[Region]:
+    """The regions that label tiles: exclusions always (`_2`, `Exclusion` and the `exclude` classes,
+    marked `exclude=True`: subtracted like holes), plus the chosen classes.
+
+    `classes=None`: every class but exclusions and QuPath's "Ignore*" / "Region*" (the literal names:
+    "Regional metastasis" is used). Otherwise the named classes (case-insensitive; a base class such
+    as `Tumor` also picks its derived classes, "Tumor: Positive"; `unclassified` picks regions without
+    a class).
     """
-    if classes is None:
-        keep = lambda n: not n.strip().lower().startswith(IGNORED_PREFIXES)  # noqa: E731
-    else:
-        wanted = {c.strip().lower() for c in classes}
-        keep = lambda n: n.strip().lower() in wanted  # noqa: E731
-    return [r for r in regions if r.exclude or keep(r.name)]
+    check_class_options(classes, exclude)
+    wanted = None if classes is None else {c.strip().lower() for c in classes}
+    out = []
+    for r in regions:
+        if r.exclude or (exclude and is_exclusion(r.name, exclude)):
+            out.append(r if r.exclude else replace(r, exclude=True))
+        elif (not is_ignored(r.name)) if wanted is None else class_matches(r.name, wanted):
+            out.append(r)
+    return out
+
+
+def region_classes(found: list[Region], selected: list[Region]) -> dict[str, list[str]]:
+    """Which classes of a file were used, excluded (subtracted) and ignored (neither), as users are
+    told them ("unclassified" for regions without a class), each sorted."""
+    chosen = {id(r) for r in selected}
+    used = {class_label(r.name) for r in selected if not r.exclude}
+    excluded = {class_label(r.name) for r in selected if r.exclude}
+    ignored = {class_label(r.name) for r in found if id(r) not in chosen} - used - excluded
+    return {"used": sorted(used), "excluded": sorted(excluded), "ignored": sorted(ignored)}
 
 
 def annotation_files(paths: str | Path | list) -> list[Path]:

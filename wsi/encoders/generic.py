@@ -7,12 +7,13 @@ weights), or none (random init, for tests and benchmarks).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 from .registry import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderError, EncoderSpec
-from .weights import hub_file, hub_snapshot, load_safetensors, resolve_hub
+from .weights import hub_file, hub_snapshot, load_safetensors, read_state_dict, resolve_hub
 
 
 def build_timm(spec: EncoderSpec, arch: str, *, pretrained: bool, weights: str | None, **kwargs):
@@ -44,13 +45,18 @@ def wrap(inner, forward):
 
 
 def _safetensors_keys(path: str | Path) -> list[str]:
-    """Tensor names of a safetensors file (module./model. prefixes dropped), [] when unreadable."""
-    from safetensors import safe_open
+    """Tensor names of a weights file (module./model. prefixes dropped), [] when unreadable."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
 
+        try:
+            with safe_open(str(path), "pt") as f:
+                return [k.removeprefix("module.").removeprefix("model.") for k in f.keys()]
+        except Exception:
+            return []
     try:
-        with safe_open(str(path), "pt") as f:
-            return [k.removeprefix("module.").removeprefix("model.") for k in f.keys()]
-    except Exception:
+        return [k.removeprefix("model.") for k in read_state_dict(path)]
+    except EncoderError:
         return []
 
 
@@ -64,9 +70,43 @@ def load_open_clip_weights(model, path: str | Path, what: str) -> bool:
     return whole
 
 
+@contextlib.contextmanager
+def _quiet_root_warnings(enabled: bool = True):
+    """Silence warnings logged on the root logger (random weights are asked for, not an accident)."""
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    if enabled:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
+def open_clip_config(source: str) -> dict:
+    """{"model_cfg", "preprocess_cfg"} of an open_clip model named as open_clip names it: an
+    architecture (its built-in config), `local-dir:<dir>` or `hf-hub:<repo>` (the folder's
+    open_clip_config.json). What a trained model's folder must hold to be rebuilt."""
+    import open_clip
+
+    kind, _, rest = source.partition(":")
+    if kind == "local-dir":
+        cfg = json.loads((Path(rest) / "open_clip_config.json").read_text())
+    elif kind == "hf-hub":
+        from open_clip.factory import _get_hf_config
+
+        cfg = _get_hf_config(rest)
+    else:
+        cfg = {"model_cfg": open_clip.get_model_config(source)}
+    return {"model_cfg": cfg["model_cfg"], "preprocess_cfg": cfg.get("preprocess_cfg", {})}
+
+
 def open_clip_model(spec: EncoderSpec, arch: str, *, pretrained: bool | str, weights: str | None):
     """An `OpenClipImageText`: from the hub (`spec.hub_id`), a pretrained tag of open_clip, a local
-    safetensors file, or random weights."""
+    weights file (safetensors, or a tensors-only `.pt` state dict such as Patho-CLIP's), or random
+    weights. `arch` may also be `local-dir:<dir>` (a folder open_clip can load: a PathoCLIP run)."""
     import open_clip
 
     from .imagetext import OpenClipImageText
@@ -77,12 +117,14 @@ def open_clip_model(spec: EncoderSpec, arch: str, *, pretrained: bool | str, wei
         source = tokenizer = f"local-dir:{local}" if local else f"hf-hub:{spec.hub_id}"
         model = open_clip.create_model(source)
     else:
-        model = open_clip.create_model(arch, pretrained=pretrained or None)
-        tokenizer = arch
+        with _quiet_root_warnings(not pretrained):  # open_clip warns on the root logger about random init
+            model = open_clip.create_model(arch, pretrained=pretrained or None)
+        source = tokenizer = arch
         if weights:
             whole = load_open_clip_weights(model, weights, what=f"open_clip {arch}")
     out = OpenClipImageText(model, lambda: open_clip.get_tokenizer(tokenizer))
     out.without_text = None if whole else f"{weights} holds the image tower only"
+    out.open_clip_cfg = open_clip_config(source)
     return out
 
 
@@ -136,8 +178,11 @@ def transformers_clip_model(spec: EncoderSpec, config, *, pretrained: bool, weig
             return transformers.AutoTokenizer.from_pretrained(str(src))
         if remote:
             return transformers.AutoTokenizer.from_pretrained(spec.hub_id)
-        raise EncoderError(f"encoder {spec.name!r}: its tokenizer files are not in the Hugging Face cache; "
-                           f"download them with `huggingface-cli download {spec.hub_id}`")
+        # CLIP's BPE, the one PLIP (and OpenAI's CLIP) use: open_clip ships it, so text works offline
+        import open_clip
+
+        n = min(int(inner.config.text_config.max_position_embeddings), 77)
+        return open_clip.SimpleTokenizer(context_length=n)
 
     out = TransformersCLIPImageText(inner, tokenizer)
     out.without_text = without_text
@@ -296,4 +341,19 @@ def _local_generic(path: str, pretrained: bool, weights: str | None, name: str):
                           "family": "timm", "hub_id": f"local:{d}"}
 
 
-_GENERIC = {"timm": _timm_generic, "hf-hub": _hub_generic, "open_clip": _open_clip_generic, "local": _local_generic}
+def _pathoclip_generic(path: str, pretrained: bool, weights: str | None, name: str):
+    """A PathoCLIP run folder (`clip train`): open_clip_config.json + model.safetensors, which plain
+    open_clip also loads (`open_clip.create_model("local-dir:RUN_DIR")`)."""
+    d = Path(path).expanduser()
+    if not (d / "open_clip_config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise EncoderError(f"{d}: not a PathoCLIP run folder (needs open_clip_config.json and model.safetensors "
+                           "from `clip train`)")
+    spec = EncoderSpec(name=name, dim=0, hub_id=f"pathoclip:{d}", family="open_clip", task="image-text")
+    model = open_clip_model(spec, f"local-dir:{d.resolve()}", pretrained=False, weights=weights or None)
+    pre = model.open_clip_cfg["preprocess_cfg"]
+    return model.eval(), {"input_size": _open_clip_size(model), "mean": tuple(pre.get("mean", CLIP_MEAN)),
+                          "std": tuple(pre.get("std", CLIP_STD)), "family": "open_clip", "hub_id": spec.hub_id,
+                          "task": "image-text"}
+
+
+_GENERIC = {"pathoclip": _pathoclip_generic, "timm": _timm_generic, "hf-hub": _hub_generic, "open_clip": _open_clip_generic, "local": _local_generic}

@@ -130,6 +130,8 @@ class TransformersCLIPImageText(ImageTextModel):
 
     def _tokenize(self, texts):
         tok = self._tok()
+        if type(tok).__name__ == "SimpleTokenizer":  # open_clip's BPE (no hub tokenizer files)
+            return tok(texts)
         n = min(int(self.inner.config.text_config.max_position_embeddings), 77)
         return tok(texts, padding="max_length", truncation=True, max_length=n, return_tensors="pt")["input_ids"]
 

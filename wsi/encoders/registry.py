@@ -46,6 +46,7 @@ class EncoderSpec:
     family: str = "timm"           # timm | transformers | open_clip | conch
     task: str = "image"            # image | image-text (also encodes text: see wsi.encoders.imagetext)
     requires: str | None = None    # extra package needed to build it
+    train: dict | None = field(default=None, compare=False)  # `clip train` defaults (trainable image-text models)
     description: str = ""
     builder: Callable | None = field(default=None, compare=False, repr=False)
 
@@ -59,9 +60,26 @@ class EncoderSpec:
                 "hub_id": self.hub_id or "-", "family": self.family}
 
 
+PLUGIN_GROUP = "pathmil.encoders"
+_plugins_loaded: list[bool] = []
+
+
 def _load_families() -> None:
     # Importing a family module runs its decorators; the list of families lives only here.
     from . import conch, efficientnet, gigapath, hoptimus, phikon, plip, quilt, resnet, uni, virchow  # noqa: F401
+
+    if not _plugins_loaded:  # packages above wsi (clip: PathoCLIP) add entries as entry-point plugins,
+        _plugins_loaded.append(True)  # so wsi never imports them by name
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=PLUGIN_GROUP):
+            try:
+                ep.load()
+            except Exception as e:  # a broken or shadowed plugin must not take the built-in encoders down
+                import logging
+
+                logging.getLogger(__name__).warning("encoder plugin %s (%s) not loaded: %s: %s", ep.name,
+                                                    ep.value, type(e).__name__, e)
 
 
 REGISTRY: Registry[EncoderSpec] = Registry("encoder", EncoderSpec, _load_families, EncoderError)

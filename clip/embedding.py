@@ -1,0 +1,120 @@
+"""Embeddings in an image-text model's shared space, for evaluation: store tiles (through
+`wsi.data.TileDataset`), image files and texts, as L2-normalised float32 numpy arrays.
+
+    img = embed_tiles(enc, store, [("slide-1", 0), ("slide-1", 1)])    # (2, E)
+    txt = embed_texts(enc, ["an H&E image of tumor."])                   # (1, E)
+
+Batches of uint8 tiles are preprocessed on the model's device (`Encoder.preprocess`) and run under
+`torch.inference_mode()`, with the encoder's own mixed precision on a GPU (`wsi.runtime`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from wsi.errors import PathmilError
+from wsi.runtime import autocast, resolve_device, resolve_precision
+from wsi.store import TILE_CHUNK, TileStore
+
+
+def model_device(enc) -> torch.device:
+    """The device the encoder's parameters are on."""
+    return next(iter(enc.model.parameters())).device
+
+
+def place(enc, device: str | torch.device = "auto") -> torch.device:
+    """Move the encoder to `device` ("auto": CUDA when there is one) and return it."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    enc.model.to(dev)
+    return dev
+
+
+def _stack(samples: list[dict]) -> torch.Tensor:
+    return torch.stack([s["image"] for s in samples])
+
+
+def _encode_batches(enc, batches, dev: torch.device, precision: str, total: int, progress: bool,
+                    desc: str) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    prec = resolve_precision(dev, precision, enc.spec.precision)
+    out = []
+    with torch.inference_mode(), tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for batch in batches:
+            x = enc.preprocess(batch.to(dev, non_blocking=True))
+            with autocast(dev, prec):
+                f = enc.encode_image(x, normalize=False)
+            # normalised in fp32: under bf16 autocast the norm of a low-precision vector is off by ~1e-2
+            out.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy())
+            bar.update(len(batch))
+    dim = out[0].shape[1] if out else 0
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
+def embed_tiles(enc, store: TileStore | str | Path, items: Sequence[tuple[str, int]], batch_size: int = 64,
+                device: str | torch.device = "auto", progress: bool = True, *, precision: str = "auto",
+                num_workers: int | None = None) -> np.ndarray:
+    """Image embeddings of store tiles `items` [(slide_id, tile index), ...] -> (N, E) float32,
+    L2-normalised, in the order of `items`. Tiles are read slide by slide in coords order (each store
+    chunk decompressed once) and put back in the order asked for."""
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+    from wsi.data import TileDataset
+
+    dev = place(enc, device)
+    items = [(str(s), int(i)) for s, i in items]
+    order = sorted(range(len(items)), key=lambda k: items[k])
+    ds = TileDataset(store, [items[k] for k in order])
+    bs = max(TILE_CHUNK, batch_size - batch_size % TILE_CHUNK)
+    workers = num_workers if num_workers is not None else (0 if dev.type == "cpu" else 4)
+    workers = workers if len(ds) > bs else 0
+    loader = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), bs, drop_last=False),
+                        collate_fn=_stack, num_workers=workers, pin_memory=dev.type == "cuda")
+    emb = _encode_batches(enc, loader, dev, precision, len(ds), progress, f"embed tiles [{enc.spec.name}]")
+    out = np.empty_like(emb)
+    out[np.asarray(order, np.int64)] = emb
+    return out
+
+
+def _square(path: Path, side: int) -> np.ndarray:
+    """An image file as uint8 (side, side, 3): the centre square, resized (open_clip's resize +
+    centre crop, done in PIL so files of any size batch together)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)
+            box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+            return np.asarray(im.resize((side, side), Image.BICUBIC, box=box), np.uint8)
+    except OSError as e:
+        raise PathmilError(f"{path}: cannot read the image ({e}); remove its row from the captions CSV") from None
+
+
+def embed_files(enc, paths: Sequence[str | Path], batch_size: int = 64, device: str | torch.device = "auto",
+                progress: bool = True, *, precision: str = "auto") -> np.ndarray:
+    """Image embeddings of image files -> (N, E) float32, L2-normalised."""
+    dev = place(enc, device)
+    side = enc.spec.resize or enc.spec.input_size
+
+    def batches():
+        for i in range(0, len(paths), batch_size):
+            yield torch.from_numpy(np.stack([_square(Path(p), side) for p in paths[i:i + batch_size]]))
+
+    return _encode_batches(enc, batches(), dev, precision, len(paths), progress, f"embed files [{enc.spec.name}]")
+
+
+def embed_texts(enc, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """Text embeddings -> (T, E) float32, L2-normalised, on the encoder's current device."""
+    dev = model_device(enc)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            tokens = enc.tokenize(list(texts[i:i + batch_size])).to(dev)
+            f = enc.encode_text(tokens, normalize=False)
+            out.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -1,0 +1,182 @@
+"""WebDataset shards of image-caption pairs (`clip shards`), so million-pair corpora stream from disk
+instead of sitting in memory (Patho-R1 fed PathoCLIP 5,000-sample shards the same way).
+
+    OUT/shard-000000.tar    per sample <key>.jpg (JPEG), <key>.txt (one caption), <key>.json (where from)
+    OUT/sizes.json          samples per shard: open_clip_train's convention (`--train-num-samples` then
+                            comes from it), read by `shard_count`
+
+An image with several captions is written once per caption: a shard sample is one pair, as open_clip
+trains on them. Image files that are already RGB JPEG are copied byte for byte (no second compression);
+tiles and other files are encoded at JPEG quality 95.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from multiprocessing import Value
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import webdataset as wds
+
+from wsi.runtime import atomic_write_json
+from wsi.store import TileStore
+
+from .data import Captions, CaptionsError
+
+SHARD_PATTERN = "shard-%06d.tar"
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _file_jpeg(path: str, quality: int) -> bytes:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG" and im.mode == "RGB":
+                return Path(path).read_bytes()
+            return _jpeg(np.asarray(im.convert("RGB")), quality)
+    except Exception as e:
+        raise CaptionsError(f"{path}: cannot read the image ({type(e).__name__}: {e}); fix the file or drop its "
+                            "rows from the captions CSV") from None
+
+
+def _encoded(captions: Captions, store: TileStore | None, quality: int, chunk: int = 256) -> Iterator[bytes]:
+    """JPEG bytes of every image, in order; tiles read slide by slide, `chunk` images at a time."""
+    for start in range(0, len(captions.images), chunk):
+        keys = captions.images[start:start + chunk]
+        out: list[bytes | None] = [None] * len(keys)
+        by_slide: dict[str, list[int]] = {}
+        for j, k in enumerate(keys):
+            if k[0] == "tile":
+                by_slide.setdefault(k[1], []).append(j)
+            else:
+                out[j] = _file_jpeg(k[1], quality)
+        for sid, js in by_slide.items():
+            for j, tile in zip(js, store[sid].read_tiles([keys[j][2] for j in js])):  # type: ignore[index]
+                out[j] = _jpeg(tile, quality)
+        yield from out  # type: ignore[misc]
+
+
+def write_shards(captions: Captions, out_dir: str | Path, per_shard: int = 5000, *,
+                 store: TileStore | str | Path | None = None, quality: int = 95, overwrite: bool = False) -> list[Path]:
+    """Write `captions` as WebDataset shards OUT/shard-%06d.tar of `per_shard` pairs each (through
+    webdataset's ShardWriter) and OUT/sizes.json; returns the shard paths. A folder that already holds
+    shards is refused unless `overwrite` (then the old shards go first)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(out.glob("shard-*.tar"))
+    if old and not overwrite:
+        raise CaptionsError(f"{out}: already holds {len(old)} shards; choose an empty folder or overwrite them "
+                            "(--overwrite)")
+    for p in old:
+        p.unlink()
+    st = store if store is not None else captions.store_path
+    if isinstance(st, (str, Path)) and any(k[0] == "tile" for k in captions.images):
+        st = TileStore.open(st, readonly=True)
+    written: list[str] = []
+    n = 0
+    with wds.ShardWriter(str(out / SHARD_PATTERN), maxcount=int(per_shard), verbose=0, post=written.append) as sink:
+        for pos, jpg in enumerate(_encoded(captions, st, quality)):  # type: ignore[arg-type]
+            key = captions.images[pos]
+            where = ({"slide_id": key[1], "tile": int(key[2])} if key[0] == "tile" else
+                     {"image_path": key[1], "group": captions.group_of(pos)})
+            for text in captions.texts_of(pos):
+                sink.write({"__key__": f"{n:09d}", "jpg": jpg, "txt": text, "json": where})
+                n += 1
+    sizes = {Path(p).name: min(per_shard, n - i * per_shard) for i, p in enumerate(written)}
+    atomic_write_json(out / "sizes.json", sizes)
+    return [Path(p) for p in written]
+
+
+def shard_urls(pattern_or_dir: str | Path | list) -> list[str]:
+    """The shard files of a folder (shard-*.tar, else *.tar, sorted), a brace pattern
+    ("out/shard-{000000..000009}.tar", "::" joins several) or a list; local files must exist."""
+    from webdataset.shardlists import expand_urls
+
+    if isinstance(pattern_or_dir, (list, tuple)):
+        urls = [str(u) for u in pattern_or_dir]
+    elif Path(pattern_or_dir).is_dir():
+        d = Path(pattern_or_dir)
+        urls = [str(p) for p in (sorted(d.glob("shard-*.tar")) or sorted(d.glob("*.tar")))]
+        if not urls:
+            raise CaptionsError(f"{d}: no .tar shards in this folder; write them with `clip shards`")
+    else:
+        urls = expand_urls(str(pattern_or_dir))
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing or not urls:
+        n = f" ({len(missing)} of {len(urls)} missing)" if len(missing) > 1 else ""
+        raise CaptionsError(f"{missing[0] if missing else pattern_or_dir}: no such shard{n}; give a shard folder, "
+                            "a .tar or a brace pattern like out/shard-{000000..000009}.tar")
+    return urls
+
+
+def shard_count(pattern_or_dir: str | Path | list) -> int | None:
+    """Samples in the shards, from their folder's sizes.json (None when a shard is not listed there)."""
+    urls = shard_urls(pattern_or_dir)
+    try:
+        sizes = json.loads((Path(urls[0]).parent / "sizes.json").read_text())
+        return sum(int(sizes[Path(u).name]) for u in urls)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _keep(x):
+    return x
+
+
+class _EpochShuffle:
+    """A pipeline stage shuffling its stream in a buffer of `bufsize`, seeded by (seed, epoch) and, for
+    samples, also by rank and worker. The epoch lives in shared memory, so `set_epoch` in the main
+    process reaches DataLoader workers, persistent ones too (open_clip_train's SharedEpoch + detshuffle2)."""
+
+    def __init__(self, bufsize: int, seed: int, epoch, per_worker: bool):
+        self.bufsize, self.seed, self.epoch, self.per_worker = bufsize, seed, epoch, per_worker
+
+    def __call__(self, src):
+        from webdataset.filters import _shuffle
+        from webdataset.utils import pytorch_worker_info
+
+        rank, _, worker, _ = pytorch_worker_info() if self.per_worker else (0, 1, 0, 1)
+        rng = random.Random(f"{self.seed}/{self.epoch.value}/{rank}/{worker}/{self.per_worker}")
+        return _shuffle(src, self.bufsize, min(self.bufsize, 100), rng)
+
+
+class ShardPairs(wds.DataPipeline):
+    """The IterableDataset `shard_pairs` returns; `set_epoch(epoch)` before each epoch's iterator."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.value = int(epoch)
+
+
+def shard_pairs(pattern_or_dir: str | Path | list, transform: Callable | None = None, *, shuffle: int = 1000,
+                seed: int = 0) -> ShardPairs:
+    """A streaming IterableDataset of (transform(PIL RGB image), caption) pairs over the shards, laid out
+    as open_clip_train's webdataset pipeline: shard list, shard shuffle (the same order on every rank),
+    split_by_node (torchrun ranks read their own shards), split_by_worker, tar -> samples, sample
+    shuffle buffer of `shuffle`, decode, to_tuple("jpg", "txt"), map the transform. `shuffle` 0 keeps
+    file order. Shuffles are seeded by (seed, epoch): `set_epoch` changes them. A corrupt sample is
+    skipped with a warning (webdataset's warn_and_continue)."""
+    urls = shard_urls(pattern_or_dir)
+    handler = wds.warn_and_continue
+    epoch = Value("i", 0)
+    stages: list = [wds.SimpleShardList(urls)]
+    if shuffle:
+        stages.append(_EpochShuffle(len(urls), seed, epoch, per_worker=False))
+    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=handler)]
+    if shuffle:
+        stages.append(_EpochShuffle(int(shuffle), seed, epoch, per_worker=True))
+    stages += [wds.decode("pilrgb", handler=handler), wds.to_tuple("jpg", "txt", handler=handler),
+               wds.map_tuple(transform or _keep, _keep, handler=handler)]
+    ds = ShardPairs(*stages)
+    ds.epoch = epoch
+    return ds
