@@ -61,7 +61,6 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_zeroshot(a: argparse.Namespace) -> int:
-    from .results import write_result
     from .zeroshot import read_classes, zeroshot
 
     classes, templates = read_classes(a.classes)
@@ -115,7 +114,7 @@ def _cmd_shards(a: argparse.Namespace) -> int:
     from .shards import write_shards
 
     caps = read_captions(a.captions, store=a.store)
-    paths = write_shards(caps, a.out, per_shard=a.per_shard)
+    paths = write_shards(caps, a.out, per_shard=a.per_shard, overwrite=a.overwrite)
     print(f"{len(paths)} shards written to {a.out} ({caps.summary()})")
     return 0
 
@@ -191,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=None)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--per-shard", type=int, default=5000)
+    s.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     s.set_defaults(func=_cmd_shards)
 
     m = sub.add_parser("models", help="the image-text models")

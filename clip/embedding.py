@@ -54,6 +54,27 @@ def _encode_batches(enc, batches, dev: torch.device, precision: str, total: int,
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
+def stored_embeddings(enc, store: TileStore | str | Path, items: Sequence[tuple[str, int]]) -> np.ndarray | None:
+    """The embeddings of `items` from features the store already holds for this model (`wsi embed`,
+    `clip probe`), L2-normalised; None unless every slide has them, made by these very weights. Only
+    for models whose stored features are their image embedding (open_clip, PLIP; not CONCH, which
+    stores its pre-projection features)."""
+    if not getattr(enc.model, "features_are_embedding", False) or not items:
+        return None
+    st = store if isinstance(store, TileStore) else TileStore.open(store, readonly=True)
+    name, digest, by_slide = enc.spec.name, None, {}
+    for sid in dict.fromkeys(s for s, _ in items):
+        view = st[sid]
+        if not view.has_features(name):
+            return None
+        digest = digest or enc.digest()
+        if view.feature_meta(name).get("weights_digest") != digest:
+            return None
+        by_slide[sid] = view.features(name, np.float32)
+    x = np.stack([by_slide[s][i] for s, i in items]).astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def embed_tiles(enc, store: TileStore | str | Path, items: Sequence[tuple[str, int]], batch_size: int = 64,
                 device: str | torch.device = "auto", progress: bool = True, *, precision: str = "auto",
                 num_workers: int | None = None) -> np.ndarray:
@@ -64,8 +85,11 @@ def embed_tiles(enc, store: TileStore | str | Path, items: Sequence[tuple[str, i
 
     from wsi.data import TileDataset
 
-    dev = place(enc, device)
     items = [(str(s), int(i)) for s, i in items]
+    stored = stored_embeddings(enc, store, items)
+    if stored is not None:
+        return stored
+    dev = place(enc, device)
     order = sorted(range(len(items)), key=lambda k: items[k])
     ds = TileDataset(store, [items[k] for k in order])
     bs = max(TILE_CHUNK, batch_size - batch_size % TILE_CHUNK)

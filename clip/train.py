@@ -314,7 +314,14 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
                        "fingerprint": data_fingerprint(data, Path(store) if store else None, slides),
                        "n_train_images": n_train, "n_val_images": n_val, "val_groups": val_groups},
               "pathmil_version": package_version()}
-    resume = check_resume(out, record) if rank == 0 else False
+    resume = check_resume(out, record)  # every rank: each one loads the last state to continue from
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # before rank 0 writes the record of this run
+    if resume and world == 1 and _finished(out, cfg):  # nothing left to do: no feature cache, no model moves
+        log.info("%s: already trained (%s)", out, json.loads((out / "metrics.json").read_text())["stopped"])
+        return json.loads((out / "metrics.json").read_text())
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / CONFIG, record)
@@ -450,6 +457,18 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
         metrics["seconds_this_process"] = round(time.perf_counter() - t_start, 1)
         metrics["pairs_per_s"] = round(n_seen / max(time.perf_counter() - t_start, 1e-9), 1)
     return metrics
+
+
+def _finished(out: Path, cfg: ClipTrainConfig) -> bool:
+    from .checkpoint import STATE_JSON
+
+    try:
+        meta = json.loads((out / STATE_JSON).read_text())
+        json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("stopped")) or meta["epoch"] + 1 >= cfg.epochs or (
+        cfg.max_steps is not None and meta["step"] >= cfg.max_steps)
 
 
 def _write_metrics(out: Path, history: list[dict], best: dict | None, stopped: str, cfg: ClipTrainConfig) -> dict:

@@ -66,6 +66,15 @@ def _data_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
+def _setting_defaults(key: str) -> dict:
+    import dataclasses
+
+    from .config import TrainConfig, W2SConfig
+
+    cls = W2SConfig if key == "w2s_params" else TrainConfig
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
 def check_resume(out: Path, old: dict, new: dict) -> None:
     """A folder holding a run may only be resumed with the same settings and the same data."""
     changed = []
@@ -73,7 +82,10 @@ def check_resume(out: Path, old: dict, new: dict) -> None:
         o, n = old.get(key), new.get(key)
         if o != n and isinstance(o, dict) and isinstance(n, dict) and key in ("train", "w2s_params"):
             prefix = "w2s." if key == "w2s_params" else ""   # name the settings themselves: epochs, w2s.warmup
-            changed += [prefix + k for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+            # a setting added since the run began (absent from its config) counts as its default
+            defaults = _setting_defaults(key)
+            changed += [prefix + k for k in sorted(set(o) | set(n))
+                        if o.get(k, defaults.get(k)) != n.get(k, defaults.get(k))]
         elif o != n:
             changed.append(key)
     if changed:

@@ -37,24 +37,26 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from wsi.errors import CohortError
 
     from .cohort import load_cohort
-    from .config import TrainConfig, W2SConfig
+    from .config import DataConfig, TrainConfig, W2SConfig
     from .train import train_cohort
 
     if (a.store is None) == (a.h5_dir is None):
         raise CohortError("give exactly one of --store STORE or --h5-dir DIR")
     cfg = config_from_args(TrainConfig, a, w2s=config_from_args(W2SConfig, a, prefix=W2S_PREFIX))
+    data = config_from_args(DataConfig, a)
     cohort = load_cohort(a.labels, store=a.store, h5_dir=a.h5_dir, encoder=a.encoder,
                          instance_labels=a.instance_labels, classes=a.classes.split(",") if a.classes else None,
-                         positive=a.positive, progress=not a.quiet)
+                         positive=a.positive, progress=not a.quiet, cache_gb=data.cache_gb)
     log.info("%d slides, classes %s (positive: %s), %d-d features of %s", len(cohort.bags),
              cohort.class_names, cohort.positive_class, cohort.dim, cohort.encoder)
-    metrics = train_cohort(cohort, cfg, a.out, instance_labels=a.instance_labels, progress=not a.quiet)
+    metrics = train_cohort(cohort, cfg, a.out, instance_labels=a.instance_labels, progress=not a.quiet, data=data)
     print(metrics_rows([metrics]))
     offs = [(k, b[-1]) for k, b in enumerate(metrics.get("w2s_backoff") or []) if b]
     if offs:
         print("w2s feedback backed off (it hurt the validation bag loss): " + "; ".join(
             f"fold {k}: {b['turned_off']} off at epoch {b['epoch']}" for k, b in offs))
-    print(f"run written to {a.out} (metrics.json, roc.png, curves.png, predictions.csv, fold_*/)")
+    figure = "roc.png" if len(cohort.class_names) == 2 else "confusion.png"
+    print(f"run written to {a.out} (metrics.json, {figure}, curves.png, predictions.csv, fold_*/)")
     return 0
 
 
@@ -129,7 +131,7 @@ W2S_NAMES = {"alpha_max": "--w2s-alpha", "reject_below": "--w2s-reject"}   # sho
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TrainConfig, W2SConfig
+    from .config import DataConfig, TrainConfig, W2SConfig
 
     p, sub = command_parser("mil", "Dual-level multiple-instance learning on a tile store.")
 
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--classes", default=None, help="class names in index order, comma-separated (default: sorted, "
                                                      "a negative-sounding name first)")
     src.add_argument("--positive", default=None, help="the positive class of a binary task")
+    add_config_options(src, DataConfig)
     add_config_options(t.add_argument_group("training"), TrainConfig, types={"model_kwargs": _json_object},
                        help={"model": "the MIL model: one of {models} (see `mil models`)"})
     w = t.add_argument_group("weak-to-strong correction")

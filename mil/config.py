@@ -1,4 +1,5 @@
-"""The settings of a MIL run, `TrainConfig` and its weak-to-strong knobs `W2SConfig`.
+"""The settings of a MIL run, `TrainConfig` and its weak-to-strong knobs `W2SConfig`, and how its
+bags are fed (`DataConfig`: feature cache, DataLoader workers), which changes no result.
 
 The `mil train` options are made from these fields (help texts in their metadata), so each default
 is written here only. This module imports neither torch nor the models: building the command line
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from wsi.errors import RunError
 
@@ -111,11 +112,16 @@ class TrainConfig:
         "subsample bags larger than this while training (default: whole bags)"))
     seed: int = field(default=0, metadata=_help("seed of splits, batches and weights"))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N"))
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=_help(
+        "auto: bf16 autocast on a GPU that supports it, fp32 on CPU (where bf16 is slower) and other GPUs"))
     folds: int = field(default=5, metadata=_help(
         "patient-level stratified folds (ignored with a split column in the labels CSV)"))
     val_fraction: float = field(default=0.15, metadata=_help("share of patients held out for validation"))
     extra_weight: float = field(default=0.5, metadata=_help(
         "weight of the model's own auxiliary loss (CLAM instance loss, DSMIL max-instance)"))
+    negative_class: str | None = field(default=None, metadata=_help(
+        "multi-class tasks: the class of sure-negative bags (normal tissue) for the instance student and --w2s "
+        "(default: the one class named like normal, benign, negative ...; none: pure subtyping)"))
     w2s: W2SConfig = field(default_factory=lambda: W2SConfig(enabled=False))
 
     def __post_init__(self):
@@ -132,6 +138,7 @@ class TrainConfig:
         for name in ("weight_decay", "extra_weight"):
             check_setting(getattr(self, name) >= 0, name, getattr(self, name), "0 or more")
         check_setting(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "in [0, 1)")
+        check_setting(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32 or bf16")
         if not isinstance(self.model_kwargs, dict):
             raise RunError(f"--model-kwargs must be a JSON object, got {self.model_kwargs!r}")
 
@@ -139,3 +146,32 @@ class TrainConfig:
         # With correction on, keep training until the ramp is complete before choosing a best epoch.
         need = self.w2s.warmup + self.w2s.ramp if self.w2s.enabled else 0
         return max(self.min_epochs, need)
+
+
+@dataclass
+class DataConfig:
+    """How bags reach the model: the feature cache and the DataLoader. None of these changes what a
+    run computes (the same batches, in the same order, from the same features), so they are not run
+    settings: a run may resume under other values. The `mil train` options are made from these fields."""
+
+    cache_gb: float | None = field(default=None, metadata=_help(
+        "GiB of bag features held in memory; the other bags are read from the store or h5 files whenever "
+        "used (default: a quarter of the machine's memory, at most half of what is free; 0: none)"))
+    num_workers: int | None = field(default=None, metadata=_help(
+        "DataLoader processes building batches ahead of use (default: 4 on a GPU, 0 on CPU)"))
+    prefetch: int = field(default=2, metadata=_help("batches each DataLoader worker builds ahead"))
+
+    def __post_init__(self):
+        check_setting(self.cache_gb is None or (self.cache_gb >= 0 and math.isfinite(self.cache_gb)), "cache_gb",
+                      self.cache_gb, "0 or more GiB")
+        check_setting(self.num_workers is None or self.num_workers >= 0, "num_workers", self.num_workers, "0 or more")
+        check_setting(self.prefetch >= 1, "prefetch", self.prefetch, "at least 1")
+
+    def loader(self, device) -> dict[str, Any]:
+        """BagBatcher's DataLoader keywords on `device` (a torch.device). Workers: as set, else 4 on a
+        GPU (building batches must not stall it) and 0 on CPU, where reading a bag from the page cache
+        costs a few percent of its training step and a worker would compete with torch's threads for the
+        cores (scripts/bench/bench_mil_memory.py). Pinned memory on a GPU, for non-blocking copies."""
+        gpu = device.type == "cuda"
+        workers = self.num_workers if self.num_workers is not None else 4 if gpu else 0
+        return {"num_workers": workers, "prefetch": self.prefetch, "pin_memory": gpu}

@@ -4,6 +4,8 @@ For predictions/<run> of a slide it writes, into the output folder:
     <slide>_<run>_instance.png   instance score (0..1, turbo) over the thumbnail, with a colour bar
     <slide>_<run>_attention.png  attention relative to uniform, capped at its 99th percentile
     <slide>_<run>.geojson        one Polygon per tile (level-0 px) with both values as measurements
+Multi-class runs (predictions with `class_scores`) also get <slide>_<run>_class_<name>.png, the
+student's probability of each class, and each class's score as a GeoJSON measurement `score_<name>`.
 The background is the slide's thumbnail (`SlideView.thumbnail`: from the slide file, else from the
 stored tiles); when it has neither, a white canvas of the slide's shape (SlideMeta width, height).
 """
@@ -84,10 +86,16 @@ def _figure(base: np.ndarray, over: np.ndarray, vmax: float, cmap: str, label: s
     return out
 
 
+def _file_part(name: str) -> str:
+    """A class name as a file-name part: letters, digits, '.', '_' and '-' kept, the rest '_'."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name) or "_"
+
+
 def write_heatmap(store, slide_id: str, out_dir: str | Path, *, run: str, max_side: int = 2000) -> list[Path]:
-    """Write <slide>_<run>_instance.png, <slide>_<run>_attention.png and <slide>_<run>.geojson into
-    out_dir from the store's predictions/<run> of the slide; returns the three paths. `store` is a
-    TileStore or the path of an existing one."""
+    """Write <slide>_<run>_instance.png, <slide>_<run>_attention.png, (multi-class runs) one
+    <slide>_<run>_class_<name>.png per class, and <slide>_<run>.geojson into out_dir from the store's
+    predictions/<run> of the slide; returns the paths in that order. `store` is a TileStore or the
+    path of an existing one."""
     from wsi.errors import StoreError
     from wsi.store import TileStore
 
@@ -119,8 +127,15 @@ def write_heatmap(store, slide_id: str, out_dir: str | Path, *, run: str, max_si
             ("attention", att, att_max, "turbo", f"attention (1 = uniform; capped at p{ATTENTION_PCT})")):
         over = paint_tiles(base.shape[:2], coords, size0, ds, values, vmax, cmap)
         paths.append(_figure(base, over, vmax, cmap, label, title, out / f"{slide_id}_{run}_{key}.png"))
+    measures = {"instance_score": score, "attention": att}
+    per_class = arrays.get("class_scores")
+    if per_class is not None and per_class.ndim == 2 and per_class.shape[1] == len(classes):
+        for c, name in enumerate(classes):
+            over = paint_tiles(base.shape[:2], coords, size0, ds, per_class[:, c], 1.0, "turbo")
+            paths.append(_figure(base, over, 1.0, "turbo", f"instance score p({name})", title,
+                                 out / f"{slide_id}_{run}_class_{_file_part(name)}.png"))
+            measures[f"score_{name}"] = per_class[:, c]
     gj = out / f"{slide_id}_{run}.geojson"
-    gj.write_text(json.dumps(tiles_geojson(coords, size0, {"instance_score": score, "attention": att}),
-                             separators=(",", ":")))
+    gj.write_text(json.dumps(tiles_geojson(coords, size0, measures), separators=(",", ":")))
     paths.append(gj)
     return paths

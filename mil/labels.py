@@ -145,3 +145,22 @@ def class_mapping(labels: list[str], *, classes: list[str] | None = None, positi
                               "give one of the two, or list the positive class second")
         names = [n for n in names if n != positive] + [positive]
     return names, (names[1] if len(names) == 2 else None)
+
+
+def negative_class(names: list[str], given: str | None = None, *, where: str = "labels") -> str | None:
+    """The class of the sure-negative bags (normal tissue) of a task with classes `names`, or None.
+    Binary: class index 0. More classes: `given` (--negative-class), else the one name that reads as
+    negative (normal, benign, ...); None on pure subtyping (no such class, or several)."""
+    if given is not None:
+        given = str(given).strip()
+        if given not in names:
+            raise LabelsError(f"negative class {given!r} is not a class of {where} ({', '.join(names)}); "
+                              "give one of them to --negative-class")
+        if len(names) == 2 and given != names[0]:
+            raise LabelsError(f"--negative-class {given} but {names[0]!r} is the negative (first) class of this "
+                              "binary task; give --positive instead, or list the negative class first in --classes")
+        return given
+    if len(names) == 2:
+        return names[0]
+    neg = [n for n in names if _is_negative(n)]
+    return neg[0] if len(neg) == 1 else None

@@ -19,14 +19,66 @@ def bag_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     binary = probs.shape[1] == 2
     if len(np.unique(y)) < 2:      # a validation part with one class: AUC undefined, say so without warnings
         auc = float("nan")
-    else:
-        auc = roc_auc_score(y, probs[:, 1]) if binary else roc_auc_score(y, probs, multi_class="ovr",
-                                                                         labels=list(range(probs.shape[1])))
+    elif binary:
+        auc = roc_auc_score(y, probs[:, 1])
+    elif len(np.unique(y)) == probs.shape[1]:
+        auc = roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1])))
+    else:                          # a class missing from this part: macro over the classes present
+        auc = float(np.nanmean(per_class_auc(y, probs)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # sklearn's one-class notes; the values are still defined
         bal = balanced_accuracy_score(y, pred)
     return {"auc": float(auc), "accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": float(bal),
             "f1": float(f1_score(y, pred, average="binary" if binary else "macro", zero_division=0))}
+
+
+def per_class_auc(y: np.ndarray, probs: np.ndarray) -> list[float]:
+    """One-vs-rest AUC of each class c: probs[:, c] of bags of class c against all others (NaN when
+    class c, or every other class, is absent); their mean is the macro one-vs-rest AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    out = []
+    for c in range(probs.shape[1]):
+        hit = y == c
+        out.append(float(roc_auc_score(hit, probs[:, c])) if hit.any() and not hit.all() else float("nan"))
+    return out
+
+
+def class_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, list]:
+    """Multi-class extras of bag probabilities (n, C) against labels (n,): per-class one-vs-rest AUC
+    and the confusion matrix (rows: true class, columns: predicted; counts of bags)."""
+    from sklearn.metrics import confusion_matrix
+
+    n_classes = probs.shape[1]
+    cm = confusion_matrix(np.asarray(y), probs.argmax(1), labels=list(range(n_classes))) if len(y) else \
+        np.zeros((n_classes, n_classes), np.int64)
+    return {"auc_per_class": per_class_auc(y, probs), "confusion": cm.astype(int).tolist()}
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], out: str | Path, title: str) -> Path:
+    """The confusion matrix (rows: true, columns: predicted) as counts, shaded by each row's share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    share = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 1.8), dpi=120)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(m[i, j])), ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set(xticks=range(n), yticks=range(n), xticklabels=class_names, yticklabels=class_names,
+           xlabel="predicted class", ylabel="true class", title=title)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return Path(out)
 
 
 def instance_metrics(fractions: np.ndarray, scores: np.ndarray) -> dict[str, float] | None:

@@ -9,8 +9,11 @@ bag (bounded memory: per-instance layers run in chunks) and the folds are averag
     attention       (N,) float32  attention * N: 1 = what every tile would get if attention were
                                   spread evenly (so the mean over the slide is 1; tiles a --w2s run
                                   leaves out of the bag branch get 0)
+    class_scores    (N, C) float32  multi-class runs only: the student's probability of each class,
+                                  columns in the order of the attrs' `class_names` (rows sum to 1)
 
-with the bag probabilities, predicted class and the run's identity in the group's attrs. A slide
+with the bag probabilities (`bag_probs`, one per class, in `class_names` order), predicted class and the
+run's identity in the group's attrs. Binary runs write exactly the first two arrays. A slide
 without features is skipped and one that fails is reported; neither stops the others.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ def positive_index(config: dict[str, Any]) -> int | None:
 
 def predict_bag(models: list, feats, positive: int | None) -> dict[str, np.ndarray]:
     """Fold-averaged bag probabilities (C,), instance scores (N,) and relative attention (N,) of one
-    bag `feats` (N, D) tensor."""
+    bag `feats` (N, D) tensor; multi-class (`positive` None): also `class_scores` (N, C)."""
     import torch
 
     bag, inst, att = [], [], []
@@ -51,8 +54,10 @@ def predict_bag(models: list, feats, positive: int | None) -> dict[str, np.ndarr
     col = positive if positive is not None else int(bag_probs.argmax())
     score = torch.stack([p[:, col] for p in inst]).mean(0)
     as_np = lambda t: t.cpu().numpy().astype(np.float32)  # noqa: E731
-    return {"bag_probs": as_np(bag_probs), "instance_score": as_np(score),
-            "attention": as_np(torch.stack(att).mean(0))}
+    res = {"bag_probs": as_np(bag_probs), "instance_score": as_np(score), "attention": as_np(torch.stack(att).mean(0))}
+    if positive is None:
+        res["class_scores"] = as_np(torch.stack(inst).mean(0))
+    return res
 
 
 def prediction_name(run_dir: str | Path, name: str | None = None) -> str:
@@ -97,6 +102,9 @@ def _predict_store(store, run_dir: Path, slides: list[str] | None, name: str | N
     config, models = load_run(run_dir, device=str(dev))
     encoder, classes = config["encoder"], list(config["class_names"])
     positive = positive_index(config)
+    if positive is None and config.get("negative_class") in classes:   # "not tumour" for --w2s filtering
+        for m in models:
+            m.negative_index = classes.index(config["negative_class"])
     ids = list(slides) if slides else store.complete_ids()
     attrs = {"run_id": config.get("run_id"), "run_dir": str(run_dir.resolve()), "model": config["model"],
              "encoder": encoder, "class_names": classes, "positive_class": config.get("positive_class"),
@@ -125,7 +133,8 @@ def _predict_store(store, run_dir: Path, slides: list[str] | None, name: str | N
                 raise RunError("no tiles to score")
             res = predict_bag(models, torch.from_numpy(feats).to(dev), positive)
             pred = classes[int(np.argmax(res["bag_probs"]))]
-            view.write_predictions(name, {"instance_score": res["instance_score"], "attention": res["attention"]},
+            arrays = {k: res[k] for k in ("instance_score", "attention", "class_scores") if k in res}
+            view.write_predictions(name, arrays,
                                    {**attrs, "bag_probs": [float(v) for v in res["bag_probs"]],
                                     "predicted_class": pred,
                                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

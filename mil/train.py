@@ -2,9 +2,9 @@
 
 One fold: AdamW + cosine schedule over padded mini-batches, early stopping on the validation bag
 loss, the best epoch's weights kept, then the test part scored. A run: every fold, then
-RUN_DIR/metrics.json, roc.png, curves.png, predictions.csv, splits/ and fold_<k>/ (weights as
-safetensors and the fold's results as JSON). A fold whose results are on disk is not trained again,
-so an interrupted run resumes where it stopped.
+RUN_DIR/metrics.json, roc.png (binary) or confusion.png (more classes), curves.png, predictions.csv,
+splits/ and fold_<k>/ (weights as safetensors and the fold's results as JSON). A fold whose results
+are on disk is not trained again, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -20,21 +20,22 @@ import torch
 import torch.nn.functional as F
 
 from wsi.errors import RunError
-from wsi.runtime import (atomic_write_json, deterministic, large_frees_to_os, package_version, resolve_device,
-                         seed_everything)
+from wsi.runtime import (atomic_write_json, autocast, deterministic, large_frees_to_os, package_version,
+                         resolve_device, resolve_precision, seed_everything)
 
 from .batching import BagBatcher
 from .checkpoint import check_resume, save_config, save_fold_model
-from .cohort import Bag, Cohort, name_ids
+from .cohort import Bag, Cohort, LazyFeatures, name_ids
 from .backoff import Shadow, feedback_hurts
-from .config import TrainConfig, W2SConfig
-from .metrics import bag_metrics, instance_metrics, plot_curves, plot_roc, summarize
+from .config import DataConfig, TrainConfig, W2SConfig
+from .labels import negative_class
+from .metrics import bag_metrics, class_metrics, instance_metrics, plot_confusion, plot_curves, plot_roc, summarize
 from .models import create_model, get_spec
 from .splits import Split, make_splits, write_splits
-from .w2s import distill_loss, positive_logit, student_loss
+from .w2s import class_loss, distill_loss, positive_logit, student_loss
 
-__all__ = ["TrainConfig", "W2SConfig", "FoldResult", "train_cohort", "train_fold", "train_epoch", "evaluate",
-           "run_config", "summarize_run"]
+__all__ = ["TrainConfig", "W2SConfig", "DataConfig", "FoldResult", "train_cohort", "train_fold", "train_epoch",
+           "evaluate", "negative_index", "run_config", "summarize_run", "train_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,20 @@ class FoldResult:
         return asdict(self)
 
 
+def train_precision(device: torch.device, precision: str = "auto") -> str:
+    """The autocast precision of training and evaluation: "auto" is bf16 on a GPU that supports it and
+    fp32 elsewhere (on a CPU bf16 autocast is slower than fp32; fp16 would need loss scaling)."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return resolve_precision(device, precision, "bf16" if bf16 else "fp32")
+
+
+def negative_index(class_names: list[str], cfg: TrainConfig) -> int | None:
+    """Index of the sure-negative class (`labels.negative_class`: binary 0; more classes: --negative-class
+    or the one negative-sounding name), None on pure subtyping."""
+    name = negative_class(class_names, cfg.negative_class, where="the cohort")
+    return None if name is None else class_names.index(name)
+
+
 def forward(model, x: torch.Tensor, mask: torch.Tensor, w2s: W2SConfig, feedback: bool):
     """The model's outputs and the instances its bag branch attended to. With feedback on, the
     instances the student confidently rejects are masked out of the bag branch first."""
@@ -67,39 +82,49 @@ def forward(model, x: torch.Tensor, mask: torch.Tensor, w2s: W2SConfig, feedback
 
 
 def batch_losses(model, out, attended, batch, cfg: TrainConfig, epoch: int, binary: bool,
-                 feedback: bool = True) -> dict[str, torch.Tensor]:
+                 feedback: bool = True, negative: int | None = 0) -> dict[str, torch.Tensor]:
+    """The loss terms of one batch. The student learns "not the negative class" (`student_loss`, with
+    the correction under --w2s) when the task has a negative class (`negative`, its index; binary: 0),
+    and, with more than two classes, which class (`class_loss`)."""
     y = batch.y
     terms = {"bag": F.cross_entropy(out.bag_logits, y)}
     extra = model.extra_loss(out, y)
     if extra.requires_grad or extra.item() != 0:
         terms["extra"] = cfg.extra_weight * extra
-    if binary:
-        w = cfg.w2s
+    w = cfg.w2s
+    ev = batch.aux.to(y.device) if w.enabled and batch.aux is not None else None
+    if binary or negative is not None:
+        neg = 0 if binary else negative
+        yb = y if binary else (y != neg).long()    # positive bags: any class but the negative one
         ramp = w.ramp_at(epoch)
-        ev = batch.aux.to(y.device) if w.enabled and batch.aux is not None else None
-        terms["instance"] = w.instance_weight * student_loss(out.instance_logits, out.attention, batch.mask, y,
-                                                              w.alpha_max * ramp, w.fp_rate, ev)
+        terms["instance"] = w.instance_weight * student_loss(out.instance_logits, out.attention, batch.mask, yb,
+                                                              w.alpha_max * ramp, w.fp_rate, ev, neg)
         if feedback and ramp > 0 and w.distill_weight > 0:
-            terms["distill"] = w.distill_weight * ramp * distill_loss(out.attention, out.instance_logits, attended, y)
+            terms["distill"] = w.distill_weight * ramp * distill_loss(out.attention, out.instance_logits, attended,
+                                                                      yb, neg)
+    if not binary:
+        terms["class"] = w.instance_weight * class_loss(out.instance_logits, out.attention, batch.mask, y,
+                                                        negative, ev)
     return terms
 
 
 def train_epoch(model, batcher: BagBatcher, opt, sched, cfg: TrainConfig, epoch: int, binary: bool,
                 device: torch.device, backed_off: bool = False, shadow: Shadow | None = None,
-                distill: bool | None = None) -> dict[str, float]:
+                distill: bool | None = None, negative: int | None = 0) -> dict[str, float]:
     """One pass over the training bags; returns the mean of each loss term. `backed_off`: the
     student no longer filters the bag branch's instances; `distill` (default: not backed_off): it
     still distils into the attention. `shadow`: a feedback-free twin of the bag branch trained on the
-    same batches."""
+    same batches. `negative`: index of the sure-negative class of a multi-class task (None: none)."""
     model.train()
     feedback = cfg.w2s.feedback_on(epoch) and not backed_off
     distill = (not backed_off) if distill is None else distill
+    precision = train_precision(device, cfg.precision)
     sums: dict[str, float] = {}
     for batch in batcher:
-        x, mask = batch.x.to(device, non_blocking=True), batch.mask.to(device, non_blocking=True)
-        batch.y, batch.mask = batch.y.to(device), mask
-        out, attended = forward(model, x, mask, cfg.w2s, feedback)
-        terms = batch_losses(model, out, attended, batch, cfg, epoch, binary, distill)
+        batch = batch.to(device, non_blocking=True)   # from pinned memory on a GPU: overlaps the last step
+        with autocast(device, precision):
+            out, attended = forward(model, batch.x, batch.mask, cfg.w2s, feedback)
+            terms = batch_losses(model, out, attended, batch, cfg, epoch, binary, distill, negative)
         loss = sum(terms.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,32 +132,38 @@ def train_epoch(model, batcher: BagBatcher, opt, sched, cfg: TrainConfig, epoch:
         if sched is not None:
             sched.step()
         if shadow is not None:
-            shadow.step(x, mask, batch.y, cfg)
+            with autocast(device, precision):
+                shadow.step(batch.x, batch.mask, batch.y, cfg)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.item() / len(batcher)
     return sums
 
 
 @torch.no_grad()
-def evaluate(model, bags: list[Bag], cfg: TrainConfig, device: torch.device, feedback: bool) -> dict[str, Any]:
+def evaluate(model, bags: list[Bag], cfg: TrainConfig, device: torch.device, feedback: bool, *,
+             loader: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bag probabilities and loss, and per bag the student's instance probabilities and the attention
-    relative to uniform (attention x attended count), in the order of `bags`."""
+    relative to uniform (attention x attended count), in the order of `bags`. `loader`: BagBatcher's
+    DataLoader keywords (`DataConfig.loader`)."""
     model.eval()
     n = len(bags)
     probs: list = [None] * n
     inst: list = [None] * n
     att: list = [None] * n
     loss = 0.0
-    for batch in BagBatcher(bags, cfg.batch_size, shuffle=False):
-        x, mask, y = batch.x.to(device), batch.mask.to(device), batch.y.to(device)
-        out, attended = forward(model, x, mask, cfg.w2s, feedback)
-        loss += F.cross_entropy(out.bag_logits, y, reduction="sum").item()
-        p = out.bag_logits.softmax(-1).cpu().numpy()
-        if out.instance_logits.shape[-1] == 2:
-            s = torch.sigmoid(positive_logit(out.instance_logits)).cpu().numpy()
+    precision = train_precision(device, cfg.precision)
+    for batch in BagBatcher(bags, cfg.batch_size, shuffle=False, **(loader or {})):
+        on = batch.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out, attended = forward(model, on.x, on.mask, cfg.w2s, feedback)
+        logits, inst_logits = out.bag_logits.float(), out.instance_logits.float()
+        loss += F.cross_entropy(logits, on.y, reduction="sum").item()
+        p = logits.softmax(-1).cpu().numpy()
+        if inst_logits.shape[-1] == 2:
+            s = torch.sigmoid(positive_logit(inst_logits)).cpu().numpy()
         else:
-            s = out.instance_logits.softmax(-1).amax(-1).cpu().numpy()
-        a = (out.attention * attended.sum(1, keepdim=True)).cpu().numpy()
+            s = inst_logits.softmax(-1).amax(-1).cpu().numpy()
+        a = (out.attention.float() * attended.sum(1, keepdim=True)).cpu().numpy()
         for row, i in enumerate(batch.index):
             m = batch.mask[row].numpy()
             probs[i], inst[i], att[i] = p[row], s[row][m], a[row][m]
@@ -149,31 +180,38 @@ def _instance_eval(bags: list[Bag], ev: dict) -> dict[str, dict | None]:
             "attention": instance_metrics(truth, np.concatenate([ev["attention"][i] for i in have]))}
 
 
-def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool = True) -> tuple[Any, FoldResult]:
+def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool = True,
+               data: DataConfig | None = None) -> tuple[Any, FoldResult]:
     """Train one fold; returns the model at its best validation epoch and the fold's test results.
+    `data`: how batches are fed (DataLoader workers, prefetch); it changes no result.
 
     Deterministic torch kernels and glibc's return of large freed blocks apply inside this call only,
     not to the rest of the process."""
     cfg.validate()
     with deterministic(), large_frees_to_os():
-        return _train_fold(cohort, split, cfg, progress)
+        return _train_fold(cohort, split, cfg, progress, data)
 
 
-def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool) -> tuple[Any, FoldResult]:
+def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
+                data: DataConfig | None) -> tuple[Any, FoldResult]:
     from tqdm.auto import tqdm
 
     seed_everything(cfg.seed + split.fold)
     device = resolve_device(cfg.device)
+    loader = (data or DataConfig()).loader(device)
     binary = len(cohort.class_names) == 2
+    negative = negative_index(cohort.class_names, cfg)
     model = create_model(cfg.model, cohort.dim, len(cohort.class_names), **cfg.model_kwargs).to(device)
+    model.negative_index = negative or 0
     train_bags = [cohort.bags[i] for i in split.train]
     val_bags = [cohort.bags[i] for i in split.val]
-    w2s_on = cfg.w2s.enabled and binary
+    w2s_on = cfg.w2s.enabled and negative is not None
     evidence, ev_info = None, None
     if w2s_on and cfg.w2s.evidence:
         from .w2s import negative_evidence
 
-        evidence, ev_info = negative_evidence([b.features for b in train_bags], [b.label for b in train_bags],
+        evidence, ev_info = negative_evidence([LazyFeatures(b) for b in train_bags],
+                                              [int(b.label != negative) for b in train_bags],
                                               k=cfg.w2s.evidence_k, max_refs=cfg.w2s.evidence_refs,
                                               quantile=cfg.w2s.evidence_quantile, seed=cfg.seed + split.fold,
                                               device=device)
@@ -182,7 +220,7 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool) 
         if not ev_info["computed"]:
             evidence = None
     batcher = BagBatcher(train_bags, cfg.batch_size, max_instances=cfg.max_instances, shuffle=True,
-                         seed=cfg.seed + split.fold, aux=evidence)
+                         seed=cfg.seed + split.fold, aux=evidence, **loader)
     if cfg.w2s.enabled:
         cfg = replace(cfg, w2s=cfg.w2s.scaled(len(batcher), cfg.epochs))
         log.debug("fold %d: w2s warm-up %d epochs, ramp %d", split.fold, cfg.w2s.warmup, cfg.w2s.ramp)
@@ -207,15 +245,16 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool) 
     state = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
     for epoch in bar:
         sums = train_epoch(model, batcher, opt, sched, cfg, epoch, binary, device, backed_off=not filtering,
-                           shadow=shadow, distill=distilling)
+                           shadow=shadow, distill=distilling, negative=negative)
         row = {"epoch": epoch, "train_loss": sum(sums.values()), **{f"loss_{k}": v for k, v in sums.items()}}
         feedback = cfg.w2s.feedback_on(epoch) and (filtering or distilling)
         plain_model = shadow.model if shadow is not None else model
         if val_bags:
-            ev = evaluate(model, val_bags, cfg, device, feedback and filtering)
+            ev = evaluate(model, val_bags, cfg, device, feedback and filtering, loader=loader)
             row["val_loss"] = ev["loss"]
             row["val_auc"] = bag_metrics(labels_val, ev["probs"])["auc"]
-            plain = evaluate(plain_model, val_bags, cfg, device, False)["loss"] if shadow is not None else ev["loss"]
+            plain = (evaluate(plain_model, val_bags, cfg, device, False, loader=loader)["loss"] if shadow is not None
+                     else ev["loss"])
         else:
             row["val_loss"], row["val_auc"] = row["train_loss"], float("nan")
             plain = row["val_loss"]
@@ -265,15 +304,18 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool) 
     model.load_state_dict(best_state)
     test_bags = [cohort.bags[i] for i in split.test]
     infer_feedback = cfg.w2s.enabled and not backed_off and filtering and cfg.w2s.feedback_on(best_epoch)
-    ev = evaluate(model, test_bags, cfg, device, infer_feedback)
+    ev = evaluate(model, test_bags, cfg, device, infer_feedback, loader=loader)
     labels = [b.label for b in test_bags]
+    metrics = bag_metrics(np.array(labels), ev["probs"])
+    if not binary:   # per-class AUC and the confusion matrix; a binary fold's metrics stay as they were
+        metrics.update(class_metrics(np.array(labels), ev["probs"].reshape(len(labels), -1)))
     w2s_info = None
     if cfg.w2s.enabled:
         w2s_info = {"feedback": infer_feedback, "distillation": distilling and not backed_off,
                     "backoff": backoffs or None, "evidence": ev_info}
     result = FoldResult(fold=split.fold, best_epoch=best_epoch, history=history,
                         test_ids=[b.slide_id for b in test_bags], test_labels=labels,
-                        test_probs=ev["probs"].tolist(), metrics=bag_metrics(np.array(labels), ev["probs"]),
+                        test_probs=ev["probs"].tolist(), metrics=metrics,
                         instance=_instance_eval(test_bags, ev) if binary else {"student": None, "attention": None},
                         w2s=w2s_info)
     return model, result
@@ -295,7 +337,9 @@ def run_config(cohort: Cohort, cfg: TrainConfig, instance_labels: str | None) ->
     and what the run was trained on (`data`: the labels CSV's and the features' digests)."""
     return {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "in_dim": cohort.dim,
             "n_classes": len(cohort.class_names), "class_names": cohort.class_names,
-            "positive_class": cohort.positive_class, "encoder": cohort.encoder, "w2s": cfg.w2s.enabled,
+            "positive_class": cohort.positive_class,
+            "negative_class": negative_class(cohort.class_names, cfg.negative_class, where="the cohort"),
+            "encoder": cohort.encoder, "w2s": cfg.w2s.enabled,
             "w2s_params": cfg.w2s.to_dict(), "folds": cfg.folds, "instance_labels": instance_labels,
             "source": cohort.source, "seed": cfg.seed, "pathmil_version": package_version(),
             "train": {k: v for k, v in asdict(cfg).items() if k not in ("w2s", "model", "model_kwargs")},
@@ -303,13 +347,16 @@ def run_config(cohort: Cohort, cfg: TrainConfig, instance_labels: str | None) ->
 
 
 def train_cohort(cohort: Cohort, cfg: TrainConfig, out_dir: str | Path, *, instance_labels: str | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, data: DataConfig | None = None) -> dict[str, Any]:
     """Cross-validate `cfg.model` on `cohort`; write the run to `out_dir` and return metrics.json's content.
-    A folder holding the same run (same settings, same labels and features) is resumed."""
+    A folder holding the same run (same settings, same labels and features) is resumed. `data`: how
+    batches are fed (DataLoader workers, prefetch; the cache is the cohort's, `load_cohort(cache_gb=)`)."""
     cfg.validate()
-    if cfg.w2s.enabled and len(cohort.class_names) != 2:
-        raise RunError(f"--w2s needs a binary task (a negative and a positive class); this cohort has "
-                       f"{len(cohort.class_names)} classes: {', '.join(cohort.class_names)}")
+    if negative_index(cohort.class_names, cfg) is None and cfg.w2s.enabled:
+        raise RunError(f"--w2s needs a negative class (a binary task, or normal tissue among the classes): classes "
+                       f"{', '.join(cohort.class_names)} are pure subtyping, with no bags of sure negatives to "
+                       "calibrate the correction on; train without --w2s, or name the normal class with "
+                       "--negative-class")
     get_spec(cfg.model)  # unknown model: error listing the choices, before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +382,7 @@ def train_cohort(cohort: Cohort, cfg: TrainConfig, out_dir: str | Path, *, insta
             log.info("fold %d already trained; skipped (delete %s to redo it)", split.fold, done.parent)
             results.append(FoldResult(**json.loads(done.read_text())))
             continue
-        model, res = train_fold(cohort, split, cfg, progress=progress)
+        model, res = train_fold(cohort, split, cfg, progress=progress, data=data)
         save_fold_model(out, split.fold, model.cpu())
         atomic_write_json(done, res.to_json())
         results.append(res)
@@ -357,6 +404,14 @@ def summarize_run(results: list[FoldResult], config: dict) -> dict[str, Any]:
         for key in ("auc", "ap"):
             vals = [r.instance[who][key] if r.instance.get(who) else None for r in results]
             m[f"instance_{key}{suffix}"] = summarize(vals)
+    names = config["class_names"]
+    if len(names) > 2 and all("confusion" in r.metrics for r in results):   # (older runs' folds lack them)
+        # bag_auc is the macro one-vs-rest AUC; per class: one-vs-rest AUC; confusion: summed over the
+        # folds' test parts (rows: true class, columns: predicted), so it counts every tested slide once.
+        m["bag_auc_average"] = "macro one-vs-rest"
+        m["bag_auc_per_class"] = {c: summarize([r.metrics["auc_per_class"][i] for r in results])
+                                  for i, c in enumerate(names)}
+        m["confusion_matrix"] = np.sum([r.metrics["confusion"] for r in results], axis=0).astype(int).tolist()
     m["best_epochs"] = [r.best_epoch for r in results]
     if config.get("w2s"):
         # Per fold: whether the student's feedback (filtering, distillation) was kept, and if not, when and why.
@@ -373,6 +428,9 @@ def _write_outputs(out: Path, results: list[FoldResult], cohort: Cohort, config:
     if len(cohort.class_names) == 2:
         plot_roc([(np.array(r.test_labels), np.array(r.test_probs)[:, 1]) for r in results if r.test_probs],
                  out / "roc.png", f"{title}: test ROC per fold")
+    elif all("confusion" in r.metrics for r in results):
+        plot_confusion(np.sum([r.metrics["confusion"] for r in results], axis=0), cohort.class_names,
+                       out / "confusion.png", f"{title}: test confusion, all folds")
     plot_curves([r.history for r in results], out / "curves.png", title)
     patient = {b.slide_id: b.patient_id for b in cohort.bags}
     with open(out / "predictions.csv", "w", newline="") as fh:

@@ -25,7 +25,12 @@ them only while they do not hurt the validation bag loss (see `W2SConfig.backoff
 
 Without `--w2s` the student is still trained, naively: it fits the teacher's labels as they are
 (alpha = 0) and nothing flows back. That is the baseline the correction is measured against.
-Binary tasks only: class index 0 is the negative class, 1 the positive.
+Binary tasks: class index 0 is the negative class, 1 the positive. Multi-class tasks with a negative
+class (normal / LUAD / LUSC): the student is one C-way classifier whose P(not negative) is "tumour"
+(`positive_logit(..., negative=)`), corrected exactly as above with the negative class's bags as the
+sure negatives; which positive class a tumour instance belongs to is taught by `class_loss` from the
+attention of the bags of that class. Pure subtyping (no negative class) has no sure negatives to
+calibrate on: `mil.train` refuses `--w2s` there, and `class_loss` alone trains the student.
 """
 from __future__ import annotations
 
@@ -38,13 +43,17 @@ import torch.nn.functional as F
 
 from .config import W2SConfig
 
-__all__ = ["W2SConfig", "distill_loss", "hardened_student", "keep_mask", "negative_evidence", "positive_logit",
-           "student_loss", "teacher_labels"]
+__all__ = ["W2SConfig", "class_loss", "distill_loss", "hardened_student", "keep_mask", "negative_evidence",
+           "positive_logit", "student_loss", "teacher_labels"]
 
 
-def positive_logit(instance_logits: torch.Tensor) -> torch.Tensor:
-    """(B, N, 2) logits -> (B, N) logit of the positive class (log-odds against the negative)."""
-    return instance_logits[..., 1] - instance_logits[..., 0]
+def positive_logit(instance_logits: torch.Tensor, negative: int = 0) -> torch.Tensor:
+    """(B, N, C) logits -> (B, N) log-odds of "not the negative class" (C = 2: the positive class's
+    logit minus the negative's; C > 2: logsumexp of the other classes' logits minus the negative's)."""
+    if instance_logits.shape[-1] == 2:
+        return instance_logits[..., 1 - negative] - instance_logits[..., negative]
+    others = [c for c in range(instance_logits.shape[-1]) if c != negative]
+    return instance_logits[..., others].logsumexp(-1) - instance_logits[..., negative]
 
 
 def teacher_labels(attention: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -77,15 +86,16 @@ def hardened_student(p: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, fp_r
 
 def student_loss(instance_logits: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor,
                  y: torch.Tensor, alpha: float, fp_rate: float = 0.01,
-                 evidence: torch.Tensor | None = None) -> torch.Tensor:
+                 evidence: torch.Tensor | None = None, negative: int = 0) -> torch.Tensor:
     """L_I: the weak-to-strong confidence loss of the student (alpha = 0: it fits the teacher as is).
 
     Positive-bag instances: BCE(p, (1 - alpha) t + alpha f_hat). Negative-bag instances: BCE(p, 0).
     The two groups are averaged separately and summed, so neither dominates by bag size.
     With `evidence` e (B, N) in [0, 1] (`negative_evidence`): t' = e * max(t, e) replaces t (an
     instance the negative bags explain is no positive whatever the attention; one they cannot explain
-    is one at least as strongly as its evidence) and f_hat becomes e * f_hat."""
-    z = positive_logit(instance_logits)
+    is one at least as strongly as its evidence) and f_hat becomes e * f_hat. `y` is 1 for positive
+    bags, 0 for negative ones; `negative`: the class index of `positive_logit`."""
+    z = positive_logit(instance_logits, negative)
     pos = mask & (y == 1).unsqueeze(1)
     neg = mask & (y == 0).unsqueeze(1)
     loss = z.new_zeros(())
@@ -105,10 +115,11 @@ def student_loss(instance_logits: torch.Tensor, attention: torch.Tensor, mask: t
     return loss
 
 
-def keep_mask(instance_logits: torch.Tensor, mask: torch.Tensor, reject_below: float, min_keep: int) -> torch.Tensor:
+def keep_mask(instance_logits: torch.Tensor, mask: torch.Tensor, reject_below: float, min_keep: int,
+              negative: int = 0) -> torch.Tensor:
     """Instances the bag branch may attend to: those the student does not confidently reject
     (p >= reject_below), and always at least the `min_keep` it scores highest in each bag."""
-    p = torch.sigmoid(positive_logit(instance_logits.detach()))
+    p = torch.sigmoid(positive_logit(instance_logits.detach(), negative))
     keep = mask & (p >= reject_below)
     k = min(min_keep, p.shape[1])
     if k > 0:
@@ -119,17 +130,45 @@ def keep_mask(instance_logits: torch.Tensor, mask: torch.Tensor, reject_below: f
 
 
 def distill_loss(attention: torch.Tensor, instance_logits: torch.Tensor, attended: torch.Tensor,
-                 y: torch.Tensor) -> torch.Tensor:
-    """L_D = KL(q || a) over positive bags, q = the student's probabilities normalised over the
-    attended instances: the bag branch is pulled towards where the corrected student sees tumour."""
+                 y: torch.Tensor, negative: int = 0) -> torch.Tensor:
+    """L_D = KL(q || a) over positive bags (y == 1), q = the student's probabilities normalised over
+    the attended instances: the bag branch is pulled towards where the corrected student sees tumour."""
     pos_bags = y == 1
     if not pos_bags.any():
         return attention.new_zeros(())
-    p = torch.sigmoid(positive_logit(instance_logits.detach())) * attended
+    p = torch.sigmoid(positive_logit(instance_logits.detach(), negative)) * attended
     q = p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
     a = attention.clamp_min(1e-12)
     kl = torch.where(attended & (q > 0), q * (torch.log(q.clamp_min(1e-12)) - torch.log(a)), torch.zeros_like(q))
     return kl.sum(dim=1)[pos_bags].mean()
+
+
+def class_loss(instance_logits: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor, y: torch.Tensor,
+               negative: int | None, evidence: torch.Tensor | None = None) -> torch.Tensor:
+    """Which class an instance is, for a multi-class student (B, N, C), taught per class from the
+    attention of that class's bags: every instance of a bag of class c (c not `negative`) learns class
+    c, weighted by its teacher label t (min-max attention; with `evidence`, e * max(t, e) as in
+    `student_loss`). With a negative class the softmax runs over the other classes only (P(class |
+    not negative): whether it is negative at all is `student_loss`'s part); without one (pure
+    subtyping) over all C. Weighted mean over the weighted instances; 0 when there are none."""
+    pos_bags = (y != negative) if negative is not None else torch.ones_like(y, dtype=torch.bool)
+    t = teacher_labels(attention, mask, pos_bags.long())
+    if evidence is not None and negative is not None:
+        e = evidence.to(t.dtype)
+        t = e * torch.maximum(t, e)
+    if negative is None:
+        logp, target = instance_logits.log_softmax(-1), y
+    else:
+        others = [c for c in range(instance_logits.shape[-1]) if c != negative]
+        logp = instance_logits[..., others].log_softmax(-1)
+        # index among the other classes (the negative bags' own, weighted 0, clamped into range)
+        target = (y - (y > negative).long()).clamp(0, len(others) - 1)
+    nll = -logp.gather(-1, target[:, None, None].expand(-1, logp.shape[1], 1)).squeeze(-1)   # (B, N)
+    w = t * pos_bags[:, None]
+    total = w.sum()
+    if total <= 0:
+        return nll.new_zeros(())
+    return (nll * w).sum() / total
 
 
 # ---- negative-bag evidence ------------------------------------------------------------------------

@@ -54,10 +54,11 @@ def clip_stage(store: Path, labels_csv: Path, out: Path, seed: int = 0, progress
     test_caps = read_captions(out / "captions_test.csv", store=store)
     rows = []
     for name, target in (("untrained", model), ("trained", str(run))):
+        # the probe first: it stores the image tower's features, which zero-shot and retrieval then reuse
+        pb = probe(target, store, "tumor", shots=[8], train_slides=train, test_slides=test, progress=False)
         enc = load_model(target)
         zs = zeroshot(enc, store, classes, templates, slides=test, labels="tumor", progress=False)
         rt = retrieve(enc, test_caps, store=store, progress=False)
-        pb = probe(target, store, "tumor", shots=[8], train_slides=train, test_slides=test, progress=False)
         rows.append({"model": f"{model} ({name})", "zeroshot_balanced_accuracy": zs["metrics"]["balanced_accuracy"],
                      "zeroshot_auc": zs["metrics"].get("auc"),
                      "retrieval_i2t_R@5": rt["metrics"]["image_to_text"]["R@5"],

@@ -315,3 +315,28 @@ def test_identical_caption_texts_are_one_text_owned_by_each_image():
     assert r["image_to_text"]["R@1"] == pytest.approx(2 / 3)
     assert r["text_to_image"]["R@1"] == 0.5   # "tumor" finds image 0 (its own); "normal" finds image 1 (not)
     # without merging, the repeated text would tie with itself and count as a miss for image 0 or 1
+
+
+def test_tile_embeddings_come_from_the_store_when_it_holds_this_models_features(tmp_path):
+    from safetensors.torch import save_file
+
+    from clip.embedding import stored_embeddings
+    from wsi.embed import EmbedConfig, embed_store
+
+    torch.manual_seed(0)
+    src = load_model("pathoclip-tiny")
+    w = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.inner.state_dict().items()}, str(w))
+    rng = np.random.default_rng(0)
+    store = make_store(tmp_path / "s.zarr", {"a": 5, "b": 3}, tile_size=32,
+                       tiles={s: rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8) for s, n in (("a", 5), ("b", 3))})
+    enc = load_model("pathoclip-tiny", pretrained=str(w))
+    items = [("b", 2), ("a", 0), ("a", 4)]
+    assert stored_embeddings(enc, store.path, items) is None          # nothing stored yet
+    fresh = embed_tiles(enc, store.path, items, device="cpu", progress=False)
+    embed_store(store.path, EmbedConfig("pathoclip-tiny", weights=str(w), device="cpu"), progress=False)
+    got = stored_embeddings(enc, store.path, items)
+    np.testing.assert_allclose(got, fresh, atol=1e-5)
+    np.testing.assert_allclose(embed_tiles(enc, store.path, items, device="cpu", progress=False), fresh, atol=1e-5)
+    other = load_model("pathoclip-tiny")                                # other weights: not reused
+    assert stored_embeddings(other, store.path, items) is None

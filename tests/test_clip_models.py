@@ -117,3 +117,22 @@ def test_run_folder_is_an_open_clip_model_and_an_encoder(tmp_path):
         torch.testing.assert_close(via_clip.encode_image(x), ref)
     assert enc.spec.task == "image-text" and enc.spec.dim == 32 and enc.spec.input_size == 32
     assert json.loads((run / "open_clip_config.json").read_text())["preprocess_cfg"]["size"] == 32
+
+
+def test_a_shadowing_clip_package_is_named(monkeypatch, caplog):
+    """OpenAI's CLIP packages install a top-level `clip` too: the encoder plugin says so, and the
+    built-in encoders still load."""
+    import sys
+    import types
+
+    import wsi.encoders.registry as reg
+
+    fake = types.ModuleType("clip")
+    fake.__file__ = "/site-packages/clip/__init__.py"
+    monkeypatch.setitem(sys.modules, "clip", fake)
+    monkeypatch.delitem(sys.modules, "clip.models", raising=False)
+    monkeypatch.setattr(reg, "_plugins_loaded", [])
+    with caplog.at_level("WARNING"):
+        reg._load_families()
+    assert "/site-packages/clip/__init__.py is not pathmil's" in caplog.text and "uninstall it" in caplog.text
+    assert "efficientnet-lite0" in reg.REGISTRY.entries

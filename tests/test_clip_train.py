@@ -138,3 +138,45 @@ def test_trains_from_webdataset_shards(tmp_path):
     assert len(h) == 3 and h[-1]["train_loss"] < h[0]["train_loss"]
     assert h[0]["val"]["loss"] > 0 and json.loads((tmp_path / "run" / "config.json").read_text())["data"][
         "n_val_images"] == 24
+
+
+def test_siglip_locked_text_accumulation_and_checkpointing(tmp_path):
+    """--loss siglip adds SigLIP's bias (and the rebuilt model has it), --lock-text leaves the text
+    tower untouched, --grad-accum and --grad-checkpointing train."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clip.models import load_model
+
+    store, caps = colour_cohort(tmp_path, n_slides=4, per_slide=24)
+    cfg = ClipTrainConfig(**{**FAST, "epochs": 2, "batch_size": 8, "loss": "siglip", "lock_text": True,
+                             "grad_accum": 2, "grad_checkpointing": True})
+    m = train_clip(cfg, caps, tmp_path / "run", store=store, progress=False)
+    assert len(m["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in m["history"])
+    torch.manual_seed(0)  # train_clip seeds 0 before building: the same initial weights
+    init = load_model("pathoclip-tiny").model.inner.state_dict()
+    got = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert "logit_bias" in got
+    text = [k for k in init if k.startswith(("transformer.", "token_embedding", "ln_final", "text_projection"))]
+    assert text and all(torch.equal(got[k], init[k]) for k in text)
+    assert not torch.equal(got["visual.conv1.weight"], init["visual.conv1.weight"])
+    run = load_model(str(tmp_path / "run"))
+    assert run.model.inner.logit_bias is not None
+
+
+def test_torchrun_two_processes_train_with_gathered_features(tmp_path):
+    """`torchrun --nproc_per_node 2 -m clip.cli train` on CPU (gloo): DDP, DistributedSampler and
+    ClipLoss's gather-with-grad, as on several GPUs."""
+    store, caps = colour_cohort(tmp_path, n_slides=6, per_slide=24)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clip.cli",
+           "-q", "train", "--captions", str(caps), "--store", str(store), "--model", "pathoclip-tiny", "--out",
+           str(tmp_path / "run"), "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--num-workers", "0",
+           "--val-fraction", "0.34"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    n_train = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["n_train_images"]
+    h = m["history"]
+    assert len(h) == 2 and h[-1]["train_loss"] < h[0]["train_loss"]
+    assert h[0]["batches"] == n_train // (8 * 2)   # each rank saw half the pairs

@@ -112,8 +112,8 @@ def test_harmful_filtering_backs_off_says_so_and_keeps_the_bag_auc(confounded, n
     classifier; with it, the run turns the filtering off, says when and why, and keeps its AUC."""
     import mil.w2s as w2s_mod
 
-    def worst_instances(instance_logits, mask, reject_below, min_keep):
-        p = torch.sigmoid(w2s_mod.positive_logit(instance_logits.detach()))
+    def worst_instances(instance_logits, mask, reject_below, min_keep, negative=0):
+        p = torch.sigmoid(w2s_mod.positive_logit(instance_logits.detach(), negative))
         low = torch.where(mask, -p, torch.full_like(p, -2.0)).topk(min(min_keep, p.shape[1]), dim=1).indices
         return torch.zeros_like(mask).scatter_(1, low, True) & mask
 

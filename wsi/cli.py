@@ -143,9 +143,13 @@ def _cmd_export_h5(a: argparse.Namespace) -> int:
 def _cmd_labels(a: argparse.Namespace) -> int:
     from .annotations import label_store, results_json, results_table
 
-    classes = [c.strip() for c in a.classes.split(",") if c.strip()] if a.classes else None
+    def names(opt: str | None) -> list[str] | None:
+        listed = [c.strip() for c in (opt or "").split(",") if c.strip()]
+        return listed or None
+
     with _user_errors():
-        results = label_store(a.store, a.annotations, name=a.name, classes=classes, missing=a.missing,
+        results = label_store(a.store, a.annotations, name=a.name, classes=names(a.classes),
+                              exclude_classes=names(a.exclude_classes), missing=a.missing,
                               progress=not a.quiet and not a.no_progress)
     print(json.dumps(results_json(results), indent=1) if a.json else results_table(results))
     return 1 if any(r.status == "failed" for r in results) else 0
@@ -249,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="annotation files or folders of them (.geojson, .json, .xml)")
     lb.add_argument("--name", default="tumor", help="the label's name in the store (default tumor)")
     lb.add_argument("--classes", default=None,
-                    help="comma-separated classes to use (default: all but exclusions, Ignore* and Region*)")
+                    help="comma-separated classes to use (default: all but exclusions and QuPath's Ignore* and "
+                         "Region*); a base class also picks its derived ones: Tumor picks 'Tumor: Positive'")
+    lb.add_argument("--exclude-classes", default=None,
+                    help="comma-separated classes subtracted from the regions like holes (e.g. "
+                         "negative,background,artifact); _2 and Exclusion always are")
     lb.add_argument("--missing", choices=["negative", "skip"], default="negative",
                     help="slides without an annotation file: all negative (default) or left unlabelled")
     lb.add_argument("--json", action="store_true")

@@ -14,11 +14,12 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from .claims import DEFAULT_TIMEOUT_S, claim
-from .errors import StoreError
+from .errors import PathmilError, StoreError
 from .runtime import autocast, dist_info, resolve_device, resolve_precision
 from .store import FEATURE_ROWS_PER_CHUNK, TILE_CHUNK, TileStore, feature_key
 
@@ -42,6 +43,9 @@ class EmbedConfig:
         "help": "auto | cpu | cuda | cuda:N (under torchrun, cuda means cuda:$LOCAL_RANK)"})
     precision: str = field(default="auto", metadata={
         "help": "auto: the encoder's own on a GPU, fp32 on CPU"})
+    dtype: Literal["float32", "float16"] = field(default="float32", metadata={
+        "help": "stored feature type: float16 halves the features on disk and in `mil train`'s cache "
+                "(MIL reads either and computes in float32 or under autocast)"})
     overwrite: bool = field(default=False, metadata={"help": "embed again slides that already have features"})
     claim_timeout_s: float = field(default=DEFAULT_TIMEOUT_S, metadata={
         "help": "seconds after which a claim left by another host is taken over (its process is "
@@ -100,8 +104,9 @@ def embed_slide(store: TileStore, slide_id: str, encoder, device, cfg: EmbedConf
     attrs = {"weights": encoder.weights, "weights_digest": encoder.digest(), "transform": encoder.transform_attrs(),
              "dim": encoder.spec.dim, "precision": precision, "license": encoder.spec.license,
              "source": "tiles" if view.has_tiles else "slide"}
-    out = view.create_features(cfg.encoder, encoder.spec.dim, attrs)
-    buf = np.empty((max(1, min(n, FEATURE_ROWS_PER_CHUNK)), encoder.spec.dim), np.float32)
+    out = view.create_features(cfg.encoder, encoder.spec.dim, attrs, dtype=cfg.dtype)
+    buf = np.empty((max(1, min(n, FEATURE_ROWS_PER_CHUNK)), encoder.spec.dim), cfg.dtype)
+    limit = float(np.finfo(cfg.dtype).max)
     done = flushed = 0
     with tqdm(total=n, desc=f"{slide_id} [{cfg.encoder}]", unit="tile", disable=not progress, leave=False) as bar, \
             torch.inference_mode():
@@ -110,6 +115,10 @@ def embed_slide(store: TileStore, slide_id: str, encoder, device, cfg: EmbedConf
             with autocast(device, precision):
                 f = encoder(x)
             f = f.float().cpu().numpy()
+            big = float(np.abs(f).max(initial=0)) if cfg.dtype != "float32" else 0.0
+            if big > limit:   # float16 would store inf: refuse rather than write features MIL cannot use
+                raise PathmilError(f"{slide_id}: {cfg.encoder!r} features reach {big:.4g}, beyond {cfg.dtype}'s "
+                                   f"range ({limit:.4g}); embed with --dtype float32")
             # Rows reach the store one whole feature chunk at a time.
             k = 0
             while k < len(f):

@@ -126,7 +126,7 @@ def _import_one(store: TileStore, path: Path, layout: str, encoder: str, patches
     orig = h5_encoder or head.feature_attrs.get("encoder")
     if orig:
         fattrs["original_encoder"] = str(orig)
-    view.write_features(encoder, feats, fattrs)
+    view.write_features(encoder, feats.astype(np.float16) if head.dtype == np.float16 else feats, fattrs)  # half kept
     return ImportResult(sid, "imported", head.n, None, str(path))
 
 

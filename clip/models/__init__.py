@@ -11,8 +11,6 @@ This module is also the `pathmil.encoders` entry-point plugin: importing it regi
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import pathoclip  # noqa: F401  (registers pathoclip-lite, pathoclip-tiny)
 from .load import is_run_dir, load_model, model_choices
 

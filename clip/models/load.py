@@ -34,8 +34,8 @@ def load_model(model: str, pretrained: str | bool | None = None, *, random_init:
     from .pathoclip import add_configs
 
     add_configs()
-    if is_run_dir(model):
-        enc = create_encoder(f"pathoclip:{model}")
+    if is_run_dir(model):  # an absolute name: features cached in a store under it do not depend on the cwd
+        enc = create_encoder(f"pathoclip:{Path(model).resolve()}")
     elif Path(model).exists() and Path(model).is_dir():
         raise EncoderError(f"{model}: not a PathoCLIP run folder (needs open_clip_config.json and "
                            "model.safetensors from `clip train`)")

@@ -89,6 +89,7 @@ class DualMIL(nn.Module):
         self.reject_below: float | None = None
         self.min_keep: int = 8
         self.w2s_filter = True   # False for models that need the whole bag (registry metadata)
+        self.negative_index = 0  # the class whose probability is "not tumour" (mil.w2s.positive_logit)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, keep: Tensor | None = None) -> MILOutput:
         """x (B, N, D); mask (B, N) True = real instance (None: all real); keep (B, N) an extra filter
@@ -100,7 +101,7 @@ class DualMIL(nn.Module):
         if keep is None and self.reject_below is not None and self.w2s_filter:
             from ..w2s import keep_mask
 
-            keep = keep_mask(instance_logits, mask, self.reject_below, self.min_keep)
+            keep = keep_mask(instance_logits, mask, self.reject_below, self.min_keep, self.negative_index)
         attended = mask
         if keep is not None:
             attended = mask & keep

@@ -39,6 +39,17 @@ def make_bags(n_bags: int, dim: int, seed: int):
                 instance_labels=None) for i, n in enumerate(sizes)]
 
 
+AUTOCAST = [contextlib.nullcontext]   # the precision `mil train` uses on the device (set in main)
+DEVICE = ["cpu"]
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE[0] != "cpu":
+        torch.cuda.synchronize()
+
+
 def step(model, opt, x, mask, y) -> None:
     """Forward, the loss of both branches (bag CE + the student's BCE), backward, optimizer step."""
     import torch
@@ -46,10 +57,11 @@ def step(model, opt, x, mask, y) -> None:
 
     from mil.w2s import positive_logit
 
-    out = model(x, mask)
-    z = positive_logit(out.instance_logits)
-    m = mask if mask is not None else torch.ones(z.shape, dtype=torch.bool)
-    loss = F.cross_entropy(out.bag_logits, y) + F.binary_cross_entropy_with_logits(z[m], torch.zeros_like(z[m]))
+    with AUTOCAST[0]():
+        out = model(x, mask)
+        z = positive_logit(out.instance_logits).float()
+        m = mask if mask is not None else torch.ones(z.shape, dtype=torch.bool, device=z.device)
+        loss = F.cross_entropy(out.bag_logits.float(), y) + F.binary_cross_entropy_with_logits(z[m], torch.zeros_like(z[m]))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -60,6 +72,7 @@ def time_floor(model, batches, opt) -> float:
     t0 = time.perf_counter()
     for x, mask, y in batches:
         step(model, opt, x, mask, y)
+    _sync()
     return time.perf_counter() - t0
 
 
@@ -67,11 +80,12 @@ def time_per_bag_floor(model, bags, opt) -> float:
     """One bag per step, tensors already in memory: no padding at all."""
     import torch
 
-    xs = [(torch.from_numpy(b.features)[None], torch.tensor([b.label])) for b in bags]
+    xs = [(torch.from_numpy(b.features)[None].to(DEVICE[0]), torch.tensor([b.label], device=DEVICE[0])) for b in bags]
     model.train()
     t0 = time.perf_counter()
     for x, y in xs:
         step(model, opt, x, None, y)
+    _sync()
     return time.perf_counter() - t0
 
 
@@ -81,8 +95,9 @@ def time_clam_loop(model, store, ids, labels, opt) -> float:
     model.train()
     t0 = time.perf_counter()
     for sid, y in zip(ids, labels):
-        x = torch.from_numpy(store[sid].features("bench"))[None]   # read from disk every step, as CLAM does
-        step(model, opt, x, None, torch.tensor([y]))
+        x = torch.from_numpy(store[sid].features("bench"))[None].to(DEVICE[0])  # read from disk every step, as CLAM does
+        step(model, opt, x, None, torch.tensor([y], device=DEVICE[0]))
+    _sync()
     return time.perf_counter() - t0
 
 
@@ -127,6 +142,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--models", nargs="+", default=["abmil", "clam-sb", "dsmil", "transmil"])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu | cuda (the floor then runs under the same autocast)")
     p.add_argument("--memory", action="store_true", help="also the 200,000-instance bag, in a child process")
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory-model", default="abmil", help=argparse.SUPPRESS)
@@ -151,22 +167,30 @@ def main() -> None:
     store = TileStore.create(Path(tmp.name) / "bench.zarr")
     for b in bags:
         store.add_slide(b.slide_id, b.coords, patch_size=256).write_features("bench", b.features, {})
-    dev = torch.device("cpu")
+    from mil.train import train_precision
+    from wsi.runtime import autocast, resolve_device
+
+    dev = resolve_device(a.device)
+    DEVICE[0] = str(dev)
+    precision = train_precision(dev)
+    AUTOCAST[0] = lambda: autocast(dev, precision)
+    print(f"device {dev}, precision {precision}")
     for name in a.models:
         torch.manual_seed(0)
-        model = create_model(name, a.dim, 2)
+        model = create_model(name, a.dim, 2).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         cfg = TrainConfig(model=name, batch_size=a.batch_size)
         batcher = BagBatcher(bags, a.batch_size, shuffle=True, seed=0)
         floor, ours, clam, per_bag = [], [], [], []
         for r in range(a.repeats):
-            batches = [(b.x, b.mask, b.y) for b in batcher]     # this epoch's batches, built before timing
+            batches = [(b.x.to(dev), b.mask.to(dev), b.y.to(dev)) for b in batcher]  # built before timing
             pad = 1 - sum(int(m.sum()) for _, m, _ in batches) / sum(m.numel() for _, m, _ in batches)
             floor.append(time_floor(model, batches, opt))
             del batches
             per_bag.append(time_per_bag_floor(model, bags, opt))
             t0 = time.perf_counter()
             train_epoch(model, batcher, opt, None, cfg, 0, True, dev)
+            _sync()
             ours.append(time.perf_counter() - t0)
             clam.append(time_clam_loop(model, store, [b.slide_id for b in bags], [b.label for b in bags], opt))
         f, o, c, pb = min(floor), min(ours), min(clam), min(per_bag)

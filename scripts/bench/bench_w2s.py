@@ -114,6 +114,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="where MIL trains (cpu | cuda); embedding takes a GPU when there")
     p.add_argument("--workers", type=int, default=2, help="processes writing and tiling the synthetic slides")
+    p.add_argument("--build-only", action="store_true", help="build (tile, embed, label) the cohorts and stop")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="print one table from the --json files of earlier runs (e.g. one seed each) and exit")
     a = p.parse_args()
@@ -141,7 +142,8 @@ def main() -> None:
         parts = [json.loads(f.read_text()) for f in a.merge]
         a.seeds = [s for p in parts for s in p["seeds"]]
         a.setting, a.slides, a.folds, a.epochs = (parts[0][k] for k in ("setting", "slides", "folds", "epochs"))
-        a.models = list(dict.fromkeys(r["model"] for r in parts[0]["rows"]))
+        a.models = list(dict.fromkeys(r["model"] for p in parts for r in p["rows"]))
+        a.seeds = sorted(set(a.seeds))
         for p in parts:
             for r in p["rows"]:
                 runs.setdefault((r["model"], r["w2s"]), []).extend(r["per_seed"])
@@ -157,6 +159,9 @@ def main() -> None:
                              preset="hard" if a.setting == "hard-synth" else "easy", workers=a.workers)
             cohort = load_cohort(d / "synth" / "labels.csv", store=d / "cohort.zarr", encoder=a.encoder,
                                  instance_labels="tumor", progress=False)
+        if a.build_only:
+            print(f"seed {seed}: cohort ready in {time.perf_counter() - t0:.0f} s", flush=True)
+            continue
         n_inst = sum(len(b.features) for b in cohort.bags)
         pos = sum(float((b.instance_labels > 0.5).sum()) for b in cohort.bags if b.instance_labels is not None)
         print(f"seed {seed}: {len(cohort.bags)} slides, {n_inst} tiles, {pos / n_inst:.1%} tumor tiles "
@@ -184,6 +189,8 @@ def main() -> None:
         v = [m[key]["mean"] for m in ms if m.get(key)]
         return float(np.mean(v)), float(np.std(v))
 
+    if a.build_only:
+        return
     print(f"\n{a.setting}: mean ± std over seeds {a.seeds} of the per-seed fold means ({a.folds} folds, "
           f"{a.slides} slides, {a.epochs} epochs)")
     head = f"{'model':9s} {'w2s':4s} {'bag AUC':>15s} {'inst AUC (student)':>19s} {'inst AUC (attention)':>21s}"

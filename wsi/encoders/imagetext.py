@@ -27,6 +27,7 @@ class ImageTextModel(nn.Module):
     side then refuses to run rather than answer with random weights."""
 
     without_text: str | None = None
+    features_are_embedding = True   # `forward` (what wsi embed stores) is `encode_image` before normalising
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images)
@@ -142,6 +143,8 @@ class TransformersCLIPImageText(ImageTextModel):
 class ConchImageText(ImageTextModel):
     """CONCH (CoCa). Features: the pre-projection image embedding (`proj_contrast=False`), as the
     authors recommend for slide-level tasks; `encode_image` is the contrastive one."""
+
+    features_are_embedding = False
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -77,9 +77,14 @@ def _load_families() -> None:
                 ep.load()
             except Exception as e:  # a broken or shadowed plugin must not take the built-in encoders down
                 import logging
+                import sys
 
-                logging.getLogger(__name__).warning("encoder plugin %s (%s) not loaded: %s: %s", ep.name,
-                                                    ep.value, type(e).__name__, e)
+                why = f"{type(e).__name__}: {e}"
+                top = sys.modules.get(ep.value.split(".")[0])
+                if top is not None and not getattr(top, "PATHMIL", False):  # OpenAI's `clip` shadows pathmil's
+                    why = (f"the `{top.__name__}` package at {getattr(top, '__file__', '?')} is not pathmil's "
+                           "(openai-clip / clip-anytorch install a top-level `clip` too); uninstall it")
+                logging.getLogger(__name__).warning("encoder plugin %s (%s) not loaded: %s", ep.name, ep.value, why)
 
 
 REGISTRY: Registry[EncoderSpec] = Registry("encoder", EncoderSpec, _load_families, EncoderError)
