@@ -18,7 +18,6 @@ and its projection head still trains); this is what makes CPU training take minu
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from wsi.runtime import (atomic_write_json, autocast, dist_info, package_version
 
 from .checkpoint import CONFIG, WEIGHTS, check_resume, load_state, save_state, save_weights, write_open_clip_folder
 from .config import ClipTrainConfig
+from .loaders import CachedPairs, cache_frozen, data_fingerprint, is_shards, pair_loader, shard_split, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -89,100 +89,6 @@ def param_groups(model: nn.Module, wd: float) -> list[dict]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": wd}]
-
-
-# ---- data -------------------------------------------------------------------------------------------
-def data_fingerprint(source: Path, store: Path | None, slides: list[str]) -> str:
-    h = hashlib.sha256()
-    if source.is_file():
-        h.update(source.read_bytes())
-    else:
-        for p in sorted(source.glob("*.tar")):
-            h.update(f"{p.name}:{p.stat().st_size}".encode())
-    h.update(json.dumps([str(store) if store else None, sorted(slides)]).encode())
-    return h.hexdigest()[:16]
-
-
-def _is_shards(data: Path) -> bool:
-    return data.is_dir() or data.suffix == ".tar" or "{" in str(data)
-
-
-def _shard_split(data: Path, val_fraction: float) -> tuple[list[str], list[str], int, int]:
-    """(training shards, validation shards, pairs in each): the last shards are held out (whole shards,
-    so a validation pair never sits in a training shard); sizes from sizes.json when present."""
-    from .shards import shard_urls
-
-    urls = shard_urls(data)
-    n_val = 0 if len(urls) < 2 or val_fraction <= 0 else max(1, round(len(urls) * val_fraction))
-    train, val = urls[:len(urls) - n_val], urls[len(urls) - n_val:]
-    sizes_file = (data if data.is_dir() else data.parent) / "sizes.json"
-    sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
-    count = lambda us: sum(int(sizes.get(Path(u).name, 5000)) for u in us)  # noqa: E731
-    return train, val, count(train), count(val)
-
-
-def _to_uint8(size: int):
-    """PIL image -> uint8 (size, size, 3) tensor, resized with antialiasing (as `Encoder.preprocess`)."""
-    from PIL import Image
-
-    def convert(img):
-        img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return convert
-
-
-def _collate(batch):
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
-
-
-def _loader(ds, batch_size: int, shuffle: bool, seed: int, epoch: int, workers: int, drop_last: bool,
-            world: int, rank: int):
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
-
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    if isinstance(ds, torch.utils.data.IterableDataset):  # shards: shuffled and split across ranks by the pipeline
-        return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                          pin_memory=torch.cuda.is_available())
-    if world > 1:
-        sampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(ds, generator=g) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_collate,
-                      drop_last=drop_last, generator=g, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
-
-
-class _Cached(torch.utils.data.Dataset):
-    """(cached image-tower output, this epoch's caption) per image: the locked-image fast path."""
-
-    def __init__(self, feats: torch.Tensor, pairs):
-        self.feats, self.pairs = feats, pairs
-
-    def set_epoch(self, epoch: int) -> None:
-        self.pairs.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.feats)
-
-    def __getitem__(self, i: int):
-        return self.feats[i], self.pairs.caption(i)
-
-
-@torch.inference_mode()
-def _cache_frozen(frozen: nn.Module, enc, ds, device, precision: str, batch_size: int, workers: int,
-                  progress: bool, what: str) -> torch.Tensor:
-    from tqdm import tqdm
-
-    out = []
-    loader = _loader(ds, batch_size, False, 0, 0, workers, False, 1, 0)
-    for images, _ in tqdm(loader, desc=f"frozen image tower ({what})", unit="batch", disable=not progress,
-                          leave=False):
-        with autocast(device, precision):
-            out.append(frozen(enc.preprocess(images.to(device, non_blocking=True))).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
 
 
 # ---- validation ------------------------------------------------------------------------------------
@@ -292,7 +198,7 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
     workers = cfg.num_workers if cfg.num_workers is not None else (8 if device.type == "cuda" else 0)
     model, oc_cfg = _prepare_model(enc, cfg)
 
-    shards = _shard_split(data, cfg.val_fraction) if _is_shards(data) else None
+    shards = shard_split(data, cfg.val_fraction) if is_shards(data) else None
     if shards is None:
         caps = read_captions(data, store=store)
         train_pos, val_pos = split_by_group(caps, cfg.val_fraction, cfg.seed)
@@ -330,22 +236,22 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
 
     frozen, head = frozen_image_part(model)
     size = enc.spec.input_size
-    eval_pairs = lambda pos: PairDataset(caps, pos, _to_uint8(size), seed=cfg.seed)  # noqa: E731
+    eval_pairs = lambda pos: PairDataset(caps, pos, to_uint8(size), seed=cfg.seed)  # noqa: E731
     model.to(device)
     if shards is not None:  # streamed: nothing cached, the frozen part (if any) runs every step
         from .shards import shard_pairs
 
         train_tf = image_transform(size, is_train=True, mean=enc.spec.mean, std=enc.spec.std)
         tr_ds = shard_pairs(shards[0], train_tf, seed=cfg.seed)
-        va_ds = shard_pairs(shards[1], _to_uint8(size), shuffle=0, seed=cfg.seed) if shards[1] else None
+        va_ds = shard_pairs(shards[1], to_uint8(size), shuffle=0, seed=cfg.seed) if shards[1] else None
         step = PairStep(model, model.visual)
         prep_train = lambda x: x.to(device, non_blocking=True)  # noqa: E731
         prep_val = lambda x: enc.preprocess(x.to(device, non_blocking=True))  # noqa: E731
     elif frozen is not None and cfg.lock_image:  # LiT: the frozen part runs once, not every epoch
         frozen.eval()
-        tr_ds = _Cached(_cache_frozen(frozen, enc, eval_pairs(train_pos), device, precision, cfg.batch_size,
+        tr_ds = CachedPairs(cache_frozen(frozen, enc, eval_pairs(train_pos), device, precision, cfg.batch_size,
                                       workers, progress and rank == 0, "train"), eval_pairs(train_pos))
-        va_ds = _Cached(_cache_frozen(frozen, enc, eval_pairs(val_pos), device, precision, cfg.batch_size,
+        va_ds = CachedPairs(cache_frozen(frozen, enc, eval_pairs(val_pos), device, precision, cfg.batch_size,
                                       workers, progress and rank == 0, "validation"), eval_pairs(val_pos))
         step = PairStep(model, head)
         prep_train = prep_val = lambda x: x.to(device, non_blocking=True)  # noqa: E731
@@ -384,14 +290,14 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
         tr_ds.set_epoch(epoch)
         if va_ds is not None:
             va_ds.set_epoch(0)  # the same validation captions every epoch
-        loader = _loader(tr_ds, cfg.batch_size, True, cfg.seed, epoch, workers, n_train > cfg.batch_size * world,
+        loader = pair_loader(tr_ds, cfg.batch_size, True, cfg.seed, epoch, workers, n_train > cfg.batch_size * world,
                          world, rank)
         try:
             n_batches = len(loader)
         except TypeError:  # an iterable of shards: no length
             n_batches = None
         trainable.train()
-        if frozen is not None and not isinstance(tr_ds, _Cached):
+        if frozen is not None and not isinstance(tr_ds, CachedPairs):
             frozen.eval()  # a locked tower's BatchNorm keeps its statistics
         t0, t_start, losses, n_seen_epoch = time.perf_counter(), time.time(), [], 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress or rank != 0,
@@ -424,7 +330,7 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
                 break
             continue
         val = {} if va_ds is None else evaluate_pairs(
-            step, make_loss(cfg.loss, 0, 1), _loader(va_ds, cfg.batch_size, False, cfg.seed, 0, workers, False, 1, 0),
+            step, make_loss(cfg.loss, 0, 1), pair_loader(va_ds, cfg.batch_size, False, cfg.seed, 0, workers, False, 1, 0),
             prep_val, tokenize, device, precision)
         history.append({"epoch": epoch + 1, "step": gstep, "train_loss": float(np.mean(losses)) if losses else None,
                         "val": val, "seconds": round(time.perf_counter() - t0, 2),
