@@ -1,6 +1,6 @@
 """pathmil's `vlm`: the pathology reasoner of issue 11 (Patho-R1 / PathVLM-R1 on trl).
 
-Built so far (pure Python, no model):
+Built so far:
 - prompts: the one prompt builder every stage uses: Patho-R1's `SYSTEM_PROMPT`, `format_question`,
   `build_messages` (trl's conversational VLM format), `sft_target`, `parse_completion`.
 - rewards: GRPO/DAPO rewards in trl's signature: `format_reward` / `make_format_reward` (pre-filled
@@ -8,10 +8,18 @@ Built so far (pure Python, no model):
   token F1), `combined_reward` (0.1 format + 0.9 accuracy), `parse_reward_weights`.
 - judge: PathVLM-R1's process reward through any OpenAI-compatible endpoint (`judge_reward`,
   `make_judge_reward`), with its fallback on bad replies, timeouts and HTTP errors.
+- tiny (`vlm make-tiny OUT_DIR`): a 0.42M-parameter random-weight Qwen2.5-VL model folder (tokenizer trained
+  offline with `tokenizers`, the real Qwen2.5-VL chat template and processors, `pathmil_defaults.json` with
+  the training defaults a model this small needs; `read_defaults`).
+- model: `load_model` (AutoModelForImageTextToText + AutoProcessor from a folder or a hub id; offline and
+  not cached: the encoders' one-line error; bf16 on GPU, fp32 on CPU) and batched, left-padded `generate`.
+- data (`vlm data STORE --labels NAME --captions CSV --out DIR`): caption.jsonl, mcq.jsonl, sft.jsonl from a
+  store (`make_data`); `read_jsonl(path, stage)` validates rows and skips bad lines by number;
+  `load_image(s)` reads store references {"store", "slide", "tile"} and files.
+- cli: `vlm make-tiny`, `vlm data`.
 
-Not built yet: `vlm make-tiny`, `vlm data`, `vlm train --stage caption|sft|grpo|dapo` (trl SFTTrainer /
-GRPOTrainer, peft LoRA, DAPO dynamic sampling; DAPO's overlong penalty comes from trl's
-`get_soft_overlong_punishment`), the PathoCLIP grounding reward, `vlm eval`, `vlm ask`, the CLI and the
-benchmark.
+Not built yet: `vlm train --stage caption|sft|grpo|dapo` (trl SFTTrainer / GRPOTrainer, peft LoRA /
+`--freeze-vision`, DAPO dynamic sampling; DAPO's overlong penalty comes from trl's
+`get_soft_overlong_punishment`), the PathoCLIP grounding reward, `vlm eval`, `vlm ask`, and the benchmark.
 """
 from __future__ import annotations
