@@ -16,10 +16,19 @@ Built so far:
 - data (`vlm data STORE --labels NAME --captions CSV --out DIR`): caption.jsonl, mcq.jsonl, sft.jsonl from a
   store (`make_data`); `read_jsonl(path, stage)` validates rows and skips bad lines by number;
   `load_image(s)` reads store references {"store", "slide", "tile"} and files.
-- cli: `vlm make-tiny`, `vlm data`.
+- grounding: the offline process reward, PathoCLIP grounding (`make_grounding_reward`, `grounding_scores`,
+  `findings`): the asserting sentences of <think> scored by PathoCLIP against the completion's image versus
+  the other images of the batch, sigmoid(logit_scale * contrastive margin) in [0, 1]; no reasoning: 0.
+- evaluate (`vlm eval --model M --data mcq.jsonl --out RESULT.json`): batched generation over MCQ / open
+  rows, each scored with the training rewards (`score_completions`, `summarize`, `evaluate`): accuracy,
+  format rate, mean reward and PathMMU-style per-item records.
+- ask (`vlm ask --store S --slide ID --question Q --model M --run NAME | --clip RUN_DIR`): the slide's top-k
+  tiles by a MIL run's stored instance scores (from the store, never `mil`) or by PathoCLIP similarity to
+  the question (`select_tiles`), one multi-image prompt (`ask`), a montage of the tiles (`save_montage`).
+- cli: `vlm make-tiny`, `vlm data`, `vlm eval`, `vlm ask`.
 
 Not built yet: `vlm train --stage caption|sft|grpo|dapo` (trl SFTTrainer / GRPOTrainer, peft LoRA /
 `--freeze-vision`, DAPO dynamic sampling; DAPO's overlong penalty comes from trl's
-`get_soft_overlong_punishment`), the PathoCLIP grounding reward, `vlm eval`, `vlm ask`, and the benchmark.
+`get_soft_overlong_punishment`; the grounding and judge rewards plug into its reward list), and the benchmark.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`vlm`: the pathology reasoner of issue 11 (Qwen2.5-VL / Patho-R1 on trl).
 
-Every command is a thin layer over the Python API (vlm.tiny, vlm.data). Errors a user can cause end as
-one line and exit status 2 (the traceback with -v).
+Every command is a thin layer over the Python API (vlm.tiny, vlm.data, vlm.evaluate, vlm.ask). Errors a
+user can cause end as one line and exit status 2 (the traceback with -v).
 """
 from __future__ import annotations
 
@@ -33,6 +33,33 @@ def _cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .rewards import parse_reward_weights
+
+    r = evaluate(a.model, a.data, a.out, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                 temperature=a.temperature, weights=parse_reward_weights(a.reward_weights), limit=a.limit,
+                 device=a.device, progress=not a.quiet)
+    m = r["metrics"]
+    print(f"{m['n']} questions: accuracy {m['accuracy']:.3f}, format rate {m['format_rate']:.3f}, mean reward "
+          f"{m['mean_reward']:.3f}; per-item answers in {a.out}")
+    return 0
+
+
+def _cmd_ask(a: argparse.Namespace) -> int:
+    from .ask import ask, format_answer
+
+    options = [o.strip() for o in a.options.split("|")] if a.options else None
+    r = ask(a.store, a.slide, a.question, a.model, run=a.run, clip=a.clip, top_k=a.top_k, options=options,
+            montage=a.montage or Path(f"ask-{a.slide}.png"), max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature, device=a.device)
+    if a.json:
+        print(json.dumps({k: r[k] for k in ("answer", "reasoning", "tiles", "montage", "selection", "completion")}))
+    else:
+        print(format_answer(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import QUESTION
 
@@ -59,6 +86,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-per-class", type=int, default=None, help="at most this many tiles of each class")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_data)
+
+    e = sub.add_parser("eval", help="answer an MCQ JSONL and score it: accuracy, format rate, mean reward",
+                       description="Batched generation over the rows of an eval JSONL (`vlm data` writes mcq.jsonl), "
+                                   "each answer scored with the training rewards; RESULT.json holds the metrics and "
+                                   "one entry per question (response, parsed answer, correct, format, reward).")
+    e.add_argument("--model", required=True, help="a model folder (vlm make-tiny, vlm train) or a hub id")
+    e.add_argument("--data", type=Path, required=True, help="the questions (JSONL, as mcq.jsonl of `vlm data`)")
+    e.add_argument("--out", type=Path, required=True, help="RESULT.json to write")
+    e.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    e.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
+    e.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
+    e.add_argument("--reward-weights", default="0.1,0.9", help="format,accuracy weights of the reward "
+                                                               "(default: Patho-R1's 0.1,0.9)")
+    e.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    e.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
+    e.set_defaults(func=_cmd_eval)
+
+    k = sub.add_parser("ask", help="ask the reasoner about a slide's most telling tiles",
+                       description="Picks the slide's top-k tiles by a MIL run's stored instance scores (--run, "
+                                   "written by `mil predict`) or by PathoCLIP similarity to the question (--clip), "
+                                   "sends them as one multi-image prompt, prints the reasoning, the answer and the "
+                                   "tiles used, and saves a montage of the tiles with their scores.")
+    k.add_argument("--store", required=True, help="the tile store")
+    k.add_argument("--slide", required=True, help="the slide id")
+    k.add_argument("--question", required=True, help="the question")
+    k.add_argument("--options", default=None, help="answer options separated by '|' (a multiple-choice question)")
+    k.add_argument("--model", required=True, help="a model folder (vlm make-tiny, vlm train) or a hub id")
+    how = k.add_mutually_exclusive_group(required=True)
+    how.add_argument("--run", default=None, help="the name of the slide's predictions in the store (`mil predict "
+                                                  "--name`): tiles by their instance_score")
+    how.add_argument("--clip", default=None, help="a PathoCLIP model (a `clip train` RUN_DIR or a name): tiles by "
+                                                   "similarity to the question")
+    k.add_argument("--top-k", type=int, default=8, help="tiles to send (default: 8)")
+    k.add_argument("--montage", type=Path, default=None, help="the montage PNG (default: ask-SLIDE.png here)")
+    k.add_argument("--json", action="store_true", help='print {"answer", "reasoning", "tiles", "montage", ...}')
+    k.add_argument("--max-new-tokens", type=int, default=512, help="default: 512")
+    k.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    k.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda ...")
+    k.set_defaults(func=_cmd_ask)
     return p
 
 

@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="where MIL trains (cpu | cuda); embedding takes a GPU when there")
     p.add_argument("--workers", type=int, default=2, help="processes writing and tiling the synthetic slides")
+    p.add_argument("--collect", action="store_true",
+                   help="print the table of the runs already in --cache for --seeds (those that finished) and exit")
     p.add_argument("--build-only", action="store_true", help="build (tile, embed, label) the cohorts and stop")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="print one table from the --json files of earlier runs (e.g. one seed each) and exit")
@@ -147,7 +149,16 @@ def main() -> None:
         for p in parts:
             for r in p["rows"]:
                 runs.setdefault((r["model"], r["w2s"]), []).extend(r["per_seed"])
-    for seed in ([] if a.merge else a.seeds):
+    if a.collect:  # the runs already in the cache (each run folder's metrics.json), whatever finished
+        for seed in a.seeds:
+            d = a.cache / (f"seed{seed}" if a.setting == "synth" else f"{'hard' if a.setting == 'hard-synth' else 'features'}/seed{seed}")
+            for model in a.models:  # a seed counts for a model when both of its runs finished (paired)
+                fs = [d / "runs" / f"{model}{'-w2s' if w2s else ''}" / "metrics.json" for w2s in (False, True)]
+                if all(f.is_file() for f in fs):
+                    for w2s, f in zip((False, True), fs):
+                        runs.setdefault((model, w2s), []).append(json.loads(f.read_text()))
+        a.models = [m for m in a.models if (m, False) in runs and (m, True) in runs]
+    for seed in ([] if a.merge or a.collect else a.seeds):
         t0 = time.perf_counter()
         if feats:
             d = a.cache / "features" / f"seed{seed}"
@@ -204,7 +215,7 @@ def main() -> None:
                           "per_seed": [{k: m.get(k) for k in ("bag_auc", "instance_auc", "instance_auc_attention",
                                                                       "w2s_backoff")} for m in ms]})
             print(f"{model:9s} {'yes' if w2s else 'no':4s} {b[0]:7.3f} ± {b[1]:.3f} {s[0]:11.3f} ± {s[1]:.3f} "
-                  f"{at[0]:13.3f} ± {at[1]:.3f}")
+                  f"{at[0]:13.3f} ± {at[1]:.3f}  ({len(ms)} seed{'s' if len(ms) > 1 else ''})")
         base, corr = table[-2], table[-1]
         d_inst = corr["instance_auc"][0] - base["instance_auc"][0]
         d_bag = corr["bag_auc"][0] - base["bag_auc"][0]

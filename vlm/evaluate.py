@@ -1,0 +1,135 @@
+"""`vlm eval --model M --data mcq.jsonl --out RESULT.json`: a model answers the MCQ (or open) rows of a
+JSONL file with batched generation, and each answer is scored with the training rewards, so an eval
+number and a GRPO reward mean the same thing.
+
+Per item (PathMMU-style: one entry per question, with the model's raw response and the parsed answer):
+    {"id", "question", "options", "answer", "response", "pred_answer", "pred_letter", "correct",
+     "accuracy_score", "format_ok", "format_reason", "reward"}
+- accuracy_score: `rewards.accuracy_reward` (MCQ: 1 for the right letter and consistent option text;
+  open: exact match 1, else token F1); correct: accuracy_score == 1.
+- format_ok: `rewards.format_reward` (exactly one <think> then one non-empty <answer>).
+- reward: `rewards.combined_reward` with the run's weights (Patho-R1's 0.1 format + 0.9 accuracy).
+Metrics: n, accuracy (fraction correct), format_rate, mean_reward, mean_accuracy_score.
+
+When the chat template pre-fills `<think>` in the generation prompt (trl #6966), completions start inside
+the block; `template_prefills_think` sees that and the format check accounts for it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from wsi.runtime import atomic_write_json
+
+from .prompts import SYSTEM_PROMPT, THINK_OPEN, VlmError, build_messages, parse_completion
+from .rewards import PATHO_R1_WEIGHTS, accuracy_reward, combined_reward, format_reward, mcq_choice
+
+log = logging.getLogger(__name__)
+
+
+def template_prefills_think(processor: Any, system: str | None = SYSTEM_PROMPT) -> bool:
+    """True when the processor's chat template ends the generation prompt with `<think>`."""
+    msgs = build_messages({"question": "?"}, 0, system)
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return str(text).rstrip().endswith(THINK_OPEN)
+
+
+def score_completions(completions: Sequence[str], rows: Sequence[Mapping[str, Any]], *,
+                      weights: Sequence[float] = PATHO_R1_WEIGHTS, prefilled_think: bool = False) -> list[dict]:
+    """The per-item records (module docstring) of `completions`, one per row, in order."""
+    if len(completions) != len(rows):
+        raise VlmError(f"{len(completions)} completions for {len(rows)} rows; give one completion per row")
+    answers = [str(r["answer"]) for r in rows]
+    options = [r.get("options") or None for r in rows]
+    acc = accuracy_reward(completions, answers, options)
+    fmt = format_reward(completions, prefilled_think=prefilled_think)
+    total = combined_reward(weights, prefilled_think=prefilled_think)(completions, answer=answers, options=options)
+    items = []
+    for k, (text, row) in enumerate(zip(completions, rows)):
+        parsed = parse_completion(text, prefilled_think)
+        letter = mcq_choice(parsed["answer"], len(options[k]))[0] if parsed["answer"] and options[k] else None
+        items.append({"id": row.get("id", k), "question": row["question"], "options": options[k],
+                      "answer": answers[k], "response": text, "pred_answer": parsed["answer"], "pred_letter": letter,
+                      "correct": acc[k] == 1.0, "accuracy_score": acc[k], "format_ok": fmt[k] == 1.0,
+                      "format_reason": parsed["reason"], "reward": total[k]})
+    return items
+
+
+def summarize(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """{"n", "accuracy", "format_rate", "mean_reward", "mean_accuracy_score"} over the per-item records
+    (NaN for an empty list)."""
+    n = len(items)
+
+    def mean(key: str) -> float:
+        return sum(float(i[key]) for i in items) / n if n else math.nan
+
+    return {"n": n, "accuracy": mean("correct"), "format_rate": mean("format_ok"), "mean_reward": mean("reward"),
+            "mean_accuracy_score": mean("accuracy_score")}
+
+
+def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: str | Path | None = None, *,
+             batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.0,
+             system: str | None = SYSTEM_PROMPT, weights: Sequence[float] = PATHO_R1_WEIGHTS,
+             limit: int | None = None, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Answer every row of `data` and score it; write RESULT.json to `out` when given.
+
+    model: a model folder or hub id (`model.load_model`), or a loaded (model, processor) pair. data: an
+    eval JSONL file (`data.read_jsonl(path, "eval")`: bad lines skipped and reported) or rows already
+    read (images absolute or store references). Generation is batched (`model.generate`, left-padded),
+    greedy at temperature 0. Returns {"model", "data", "config", "metrics", "items", "created"}."""
+    from tqdm.auto import tqdm
+
+    from .data import load_images, read_jsonl
+    from .model import generate, load_model
+
+    if batch_size < 1:
+        raise VlmError(f"--batch-size {batch_size}: give a number >= 1")
+    if max_new_tokens < 1:
+        raise VlmError(f"--max-new-tokens {max_new_tokens}: give a number >= 1")
+    source = None
+    if isinstance(data, (str, Path)):
+        rows_read = read_jsonl(data, "eval")
+        source, rows, dropped = str(data), list(rows_read.rows), rows_read.dropped
+        base = Path(data).parent
+    else:
+        rows, dropped, base = [dict(r) for r in data], [], None
+    if limit is not None:
+        rows = rows[:max(0, int(limit))]
+    if isinstance(model, (tuple, list)):
+        net, processor = model
+        name = getattr(getattr(net, "config", None), "_name_or_path", None) or type(net).__name__
+    else:
+        net, processor = load_model(model, device=device)
+        name = str(model)
+    prefilled = template_prefills_think(processor, system)
+    completions: list[str] = []
+    with tqdm(total=len(rows), desc="vlm eval", unit="q", disable=not progress, leave=False) as bar:
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            images = [load_images(r.get("images") or [], base) for r in batch]
+            messages = [build_messages(r, len(imgs), system) for r, imgs in zip(batch, images)]
+            completions += generate(net, processor, messages, images, max_new_tokens=max_new_tokens,
+                                    temperature=temperature)
+            bar.update(len(batch))
+    items = score_completions(completions, rows, weights=weights, prefilled_think=prefilled)
+    for k, row in enumerate(rows):
+        items[k]["images"] = row.get("images") or []
+    result = {"model": name, "data": {"file": source, "n": len(rows), "dropped_lines": [list(d) for d in dropped]},
+              "config": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                         "system": system, "reward_weights": list(weights), "prefilled_think": prefilled},
+              "metrics": summarize(items), "items": items,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, result)
+    m = result["metrics"]
+    log.info("%s on %s: accuracy %.3f, format rate %.3f, mean reward %.3f (%d questions)", name, source or "rows",
+             m["accuracy"], m["format_rate"], m["mean_reward"], m["n"])
+    return result
+
+
+__all__ = ["template_prefills_think", "score_completions", "summarize", "evaluate"]
