@@ -25,10 +25,17 @@ Built so far:
 - ask (`vlm ask --store S --slide ID --question Q --model M --run NAME | --clip RUN_DIR`): the slide's top-k
   tiles by a MIL run's stored instance scores (from the store, never `mil`) or by PathoCLIP similarity to
   the question (`select_tiles`), one multi-image prompt (`ask`), a montage of the tiles (`save_montage`).
-- cli: `vlm make-tiny`, `vlm data`, `vlm eval`, `vlm ask`.
+- train (`vlm train --stage caption|sft|grpo|dapo --data F --model M --out RUN_DIR`): trl SFTTrainer
+  (completion-only loss, `max_length=None`) and GRPOTrainer (format + accuracy rewards; dapo: loss_type
+  "dapo", epsilon_high 0.28, masked truncation, trl's soft overlong punishment), peft LoRA merged at the
+  end, `--freeze-vision`, settings from the model folder's pathmil_defaults.json, per-device precision /
+  checkpointing / threads, resume (`train`, `resolve_settings`, `build_dataset`, `reward_functions`).
+- dynamic: DAPO's dynamic sampling as a GRPOTrainer subclass (`DynamicSamplingTrainer`,
+  `informative_groups`, `select_rows`, `concat_batches`): zero-variance groups dropped, the batch
+  refilled from the data for a bounded number of tries, counts logged per step.
+- cli: `vlm make-tiny`, `vlm data`, `vlm train`, `vlm eval`, `vlm ask`.
 
-Not built yet: `vlm train --stage caption|sft|grpo|dapo` (trl SFTTrainer / GRPOTrainer, peft LoRA /
-`--freeze-vision`, DAPO dynamic sampling; DAPO's overlong penalty comes from trl's
-`get_soft_overlong_punishment`; the grounding and judge rewards plug into its reward list), and the benchmark.
+Not built yet: the grounding / judge rewards as `vlm train` flags (they are plain reward functions that fit
+`reward_functions`' list), the GRPO learning-proof test (>= 120 steps) and the benchmark.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`vlm`: the pathology reasoner of issue 11 (Qwen2.5-VL / Patho-R1 on trl).
 
-Every command is a thin layer over the Python API (vlm.tiny, vlm.data, vlm.evaluate, vlm.ask). Errors a
+Every command is a thin layer over the Python API (vlm.tiny, vlm.data, vlm.train, vlm.evaluate, vlm.ask). Errors a
 user can cause end as one line and exit status 2 (the traceback with -v).
 """
 from __future__ import annotations
@@ -30,6 +30,24 @@ def _cmd_data(a: argparse.Namespace) -> int:
     s = make_data(a.store, a.labels, a.captions, a.out, classes=classes, question=a.question, slides=a.slides,
                   max_per_class=a.max_per_class, seed=a.seed)
     print(json.dumps(s, indent=1))
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .rewards import parse_reward_weights
+    from .train import parse_lora, train
+
+    weights = parse_reward_weights(a.reward_weights) if a.reward_weights else None
+    s = train(a.stage, a.data, a.model, a.out, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
+              batch_size=a.batch_size, grad_accum=a.grad_accum, num_generations=a.num_generations,
+              max_completion_length=a.max_completion_length, temperature=a.temperature, beta=a.beta,
+              lora=parse_lora(a.lora), freeze_vision=a.freeze_vision or None, seed=a.seed, reward_weights=weights,
+              save_steps=a.save_steps, max_tries=a.max_tries, device=a.device, progress=not a.quiet)
+    losses = [e["loss"] for e in s["log"] if "loss" in e]
+    rewards = [e["reward"] for e in s["log"] if "reward" in e]
+    what = (f"reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no steps")
+    print(f"{a.stage}: {s['steps']} steps in {s['seconds']:.1f} s ({what}); model folder {a.out}")
     return 0
 
 
@@ -86,6 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-per-class", type=int, default=None, help="at most this many tiles of each class")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_data)
+
+    r = sub.add_parser("train", help="train a stage: caption / sft (trl SFTTrainer), grpo / dapo (GRPOTrainer)",
+                       description="Trains one stage on a JSONL file (`vlm data` writes them) and writes RUN_DIR, a "
+                                   "model folder that every --model accepts; a rerun resumes from RUN_DIR/checkpoints. "
+                                   "Unset flags come from the model folder's pathmil_defaults.json (vlm make-tiny "
+                                   "writes one), else defaults for real 3B/7B checkpoints.")
+    r.add_argument("--stage", required=True, choices=("caption", "sft", "grpo", "dapo"))
+    r.add_argument("--data", type=Path, required=True, help="the stage's JSONL (caption.jsonl, sft.jsonl, mcq.jsonl)")
+    r.add_argument("--model", required=True, help="a model folder (vlm make-tiny, an earlier stage) or a hub id")
+    r.add_argument("--out", type=Path, required=True, help="RUN_DIR: the trained model folder")
+    r.add_argument("--epochs", type=float, default=None)
+    r.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    r.add_argument("--lr", type=float, default=None, help="learning rate")
+    r.add_argument("--batch-size", type=int, default=None, help="rows per device step (grpo/dapo: completions, a "
+                                                                "multiple of --num-generations)")
+    r.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    r.add_argument("--num-generations", type=int, default=None, help="grpo/dapo: completions per prompt (the group)")
+    r.add_argument("--max-completion-length", type=int, default=None, help="grpo/dapo: tokens per completion")
+    r.add_argument("--temperature", type=float, default=None, help="grpo/dapo: sampling temperature")
+    r.add_argument("--beta", type=float, default=None, help="grpo: KL weight (dapo: 0)")
+    r.add_argument("--lora", default=None, help="r,alpha: LoRA adapters on the language model (merged at the end)")
+    r.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights fixed")
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--reward-weights", default=None, help="format,accuracy (default: Patho-R1's 0.1,0.9)")
+    r.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: 50)")
+    r.add_argument("--max-tries", type=int, default=None, help="dapo: generation rounds per batch for dynamic "
+                                                                "sampling (default: 4)")
+    r.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda ...")
+    r.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="answer an MCQ JSONL and score it: accuracy, format rate, mean reward",
                        description="Batched generation over the rows of an eval JSONL (`vlm data` writes mcq.jsonl), "
