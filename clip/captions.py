@@ -81,6 +81,37 @@ def _class_of(values: np.ndarray, n_classes: int, where: str) -> np.ndarray:
     return out
 
 
+def tiles_by_class(store: TileStore, labels_name: str, n_classes: int, slides: Sequence[str] | None = None
+                   ) -> tuple[list[list[tuple[str, int]]], dict[str, str], int]:
+    """Per class (index k), the (slide_id, tile) of every tile whose label is class k; the slides
+    skipped with why (no pixels, no labels); how many tiles are unlabelled (NaN). Raises when no tile
+    is labelled. Shared by the captions and the reasoner's MCQs (`vlm data`)."""
+    st = store
+    ids = list(slides) if slides is not None else st.complete_ids()
+    missing = [s for s in ids if s not in st.slide_ids()]
+    if missing:
+        raise CaptionsError(f"{st.path}: no slide {missing[0]!r} in the store (see `wsi info {st.path}`)")
+    tiles: list[list[tuple[str, int]]] = [[] for _ in range(n_classes)]
+    skipped: dict[str, str] = {}
+    unlabelled = 0
+    for sid in ids:
+        view = st[sid]
+        values = view.labels(labels_name)
+        if view.meta.features_only:
+            skipped[sid] = "no pixels (a features-only import)"
+        elif values is None:
+            skipped[sid] = f"no labels {labels_name!r}"
+        else:
+            cls = _class_of(values, n_classes, f"{st.path}: labels {labels_name!r} of slide {sid!r}")
+            unlabelled += int(np.sum(cls < 0))
+            for k in range(n_classes):
+                tiles[k].extend((sid, int(i)) for i in np.flatnonzero(cls == k))
+    if not any(tiles):
+        raise CaptionsError(f"{st.path}: no tile has labels {labels_name!r} ({len(skipped)} slides without); "
+                            f"make them with `wsi labels {st.path} --name {labels_name}`")
+    return tiles, skipped, unlabelled
+
+
 def captions_from_labels(store: TileStore | str | Path, labels_name: str, out_csv: str | Path,
                          classes: Sequence[str] | None = None, templates: Sequence[str] | None = None,
                          synonyms: Mapping[str, Sequence[str]] | None = None, seed: int = 0, per_tile: int = 1,
@@ -107,27 +138,7 @@ def captions_from_labels(store: TileStore | str | Path, labels_name: str, out_cs
         raise CaptionsError(f"per_tile {per_tile}: give 1..{min(len(v) for v in combos.values())} (the number of "
                             "templates x synonyms of the class with the fewest)")
     ids = list(slides) if slides is not None else st.complete_ids()
-    missing = [s for s in ids if s not in st.slide_ids()]
-    if missing:
-        raise CaptionsError(f"{st.path}: no slide {missing[0]!r} in the store (see `wsi info {st.path}`)")
-    tiles: list[list[tuple[str, int]]] = [[] for _ in classes]
-    skipped: dict[str, str] = {}
-    unlabelled = 0
-    for sid in ids:
-        view = st[sid]
-        values = view.labels(labels_name)
-        if view.meta.features_only:
-            skipped[sid] = "no pixels (a features-only import)"
-        elif values is None:
-            skipped[sid] = f"no labels {labels_name!r}"
-        else:
-            cls = _class_of(values, len(classes), f"{st.path}: labels {labels_name!r} of slide {sid!r}")
-            unlabelled += int(np.sum(cls < 0))
-            for k in range(len(classes)):
-                tiles[k].extend((sid, int(i)) for i in np.flatnonzero(cls == k))
-    if not any(tiles):
-        raise CaptionsError(f"{st.path}: no tile has labels {labels_name!r} ({len(skipped)} slides without); "
-                            f"make them with `wsi labels {st.path} --name {labels_name}`")
+    tiles, skipped, unlabelled = tiles_by_class(st, labels_name, len(classes), ids)
     rng = np.random.default_rng(seed)
     if balance_classes:
         n_min = min(len(t) for t in tiles)

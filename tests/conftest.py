@@ -165,3 +165,13 @@ def store_factory(tmp_path):
     def factory(slides: Mapping[str, Any], name: str = "s.zarr", **kwargs: Any):
         return make_store(tmp_path / name, slides, **kwargs)
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """A `vlm make-tiny` model folder (0.42M-parameter Qwen2.5-VL), made once per test session."""
+    from vlm.tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny-vlm") / "m"
+    make_tiny(out)
+    return out

@@ -24,13 +24,6 @@ SCORES = {"a": np.array([0.1, 0.9, 0.3, 0.95, 0.2, 0.9, 0.0, 0.5, 0.85, 0.4, 0.6
           "b": np.array([0.99, 0.1, 0.2, 0.3], np.float32)}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from vlm.tiny import make_tiny
-
-    out = tmp_path_factory.mktemp("tiny") / "m"
-    make_tiny(out)
-    return out
 
 
 @pytest.fixture()
@@ -39,14 +32,14 @@ def store(tmp_path):
     return make_store(tmp_path / "s.zarr", {"a": 12, "b": 4}, tiles=True, tile_size=32, predictions=preds)
 
 
-def test_ask_sends_the_tiles_with_the_highest_stored_scores(tiny, store, tmp_path, capsys):
+def test_ask_sends_the_tiles_with_the_highest_stored_scores(tiny_vlm, store, tmp_path, capsys):
     from PIL import Image
 
     from vlm.cli import main
 
     montage = tmp_path / "out" / "m.png"
     assert main(["-q", "ask", "--store", str(store.path), "--slide", "a", "--question", "Is there tumour?",
-                 "--model", str(tiny), "--run", "abmil", "--top-k", "4", "--json", "--montage", str(montage),
+                 "--model", str(tiny_vlm), "--run", "abmil", "--top-k", "4", "--json", "--montage", str(montage),
                  "--max-new-tokens", "8"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert {"answer", "reasoning", "tiles", "montage"} <= set(r)
@@ -65,7 +58,7 @@ def test_ask_sends_the_tiles_with_the_highest_stored_scores(tiny, store, tmp_pat
     os.chdir(tmp_path)
     try:
         assert main(["-q", "ask", "--store", str(store.path), "--slide", "b", "--question", "Is there tumour?",
-                     "--model", str(tiny), "--run", "abmil", "--top-k", "2", "--max-new-tokens", "4"]) == 0
+                     "--model", str(tiny_vlm), "--run", "abmil", "--top-k", "2", "--max-new-tokens", "4"]) == 0
     finally:
         os.chdir(cwd)
     text = capsys.readouterr().out
@@ -73,13 +66,13 @@ def test_ask_sends_the_tiles_with_the_highest_stored_scores(tiny, store, tmp_pat
     assert "answer:" in text and (tmp_path / "ask-b.png").is_file() and "montage: ask-b.png" in text
 
 
-def test_ask_api_prompt_and_errors(tiny, store):
+def test_ask_api_prompt_and_errors(tiny_vlm, store):
     from vlm.ask import ask, select_tiles
     from vlm.model import load_model
     from vlm.prompts import VlmError
     from wsi.errors import StoreError
 
-    model = load_model(tiny)
+    model = load_model(tiny_vlm)
     r = ask(store, "a", "Which tissue?", model, run="abmil", top_k=3, options=["normal", "tumor"],
             max_new_tokens=4)
     assert [t["index"] for t in r["tiles"]] == [3, 1, 5] and r["montage"] is None
@@ -96,7 +89,7 @@ def test_ask_api_prompt_and_errors(tiny, store):
         ask(store, "zz", "Which tissue?", model, run="abmil")
 
 
-def test_ask_without_a_run_picks_tiles_by_pathoclip_similarity(tiny, tmp_path, capsys):
+def test_ask_without_a_run_picks_tiles_by_pathoclip_similarity(tiny_vlm, tmp_path, capsys):
     from clip.embedding import embed_texts, embed_tiles
     from clip.models import load_model
     from vlm.cli import main
@@ -107,7 +100,7 @@ def test_ask_without_a_run_picks_tiles_by_pathoclip_similarity(tiny, tmp_path, c
     n_red = sum(1 for (s, _), c in colour.items() if s == "s0" and c == "red")
     assert n_red >= 4
     assert main(["-q", "ask", "--store", str(store), "--slide", "s0", "--question", "a tile stained red",
-                 "--model", str(tiny), "--clip", str(run_dir), "--top-k", "4", "--json", "--montage",
+                 "--model", str(tiny_vlm), "--clip", str(run_dir), "--top-k", "4", "--json", "--montage",
                  str(tmp_path / "m.png"), "--max-new-tokens", "4", "--device", "cpu"]) == 0
     r = json.loads(capsys.readouterr().out)
     picked = [t["index"] for t in r["tiles"]]
@@ -119,7 +112,7 @@ def test_ask_without_a_run_picks_tiles_by_pathoclip_similarity(tiny, tmp_path, c
     assert [t["score"] for t in r["tiles"]] == pytest.approx(sims.tolist(), abs=1e-5)
     assert sims.tolist() == sorted(sims.tolist(), reverse=True)
     blue = main(["-q", "ask", "--store", str(store), "--slide", "s0", "--question", "a tile stained blue",
-                 "--model", str(tiny), "--clip", str(run_dir), "--top-k", "3", "--json", "--montage",
+                 "--model", str(tiny_vlm), "--clip", str(run_dir), "--top-k", "3", "--json", "--montage",
                  str(tmp_path / "b.png"), "--max-new-tokens", "4", "--device", "cpu"])
     assert blue == 0
     assert [colour[("s0", t["index"])] for t in json.loads(capsys.readouterr().out)["tiles"]] == ["blue"] * 3

@@ -57,13 +57,6 @@ def test_scoring_fixed_completions_counts_right():
         score_completions(COMPLETIONS[:2], ROWS[:1])
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from vlm.tiny import make_tiny
-
-    out = tmp_path_factory.mktemp("tiny") / "m"
-    make_tiny(out)
-    return out
 
 
 @pytest.fixture()
@@ -82,7 +75,7 @@ def mcq(tmp_path):
     return path, s
 
 
-def test_vlm_eval_answers_the_mcq_file_in_batches(tiny, mcq, tmp_path, capsys):
+def test_vlm_eval_answers_the_mcq_file_in_batches(tiny_vlm, mcq, tmp_path, capsys):
     from vlm.cli import main
     from vlm.evaluate import evaluate
     from vlm.model import load_model
@@ -90,7 +83,7 @@ def test_vlm_eval_answers_the_mcq_file_in_batches(tiny, mcq, tmp_path, capsys):
 
     path, made = mcq
     out = tmp_path / "res" / "RESULT.json"
-    assert main(["-q", "eval", "--model", str(tiny), "--data", str(path), "--out", str(out), "--batch-size", "4",
+    assert main(["-q", "eval", "--model", str(tiny_vlm), "--data", str(path), "--out", str(out), "--batch-size", "4",
                  "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
@@ -119,18 +112,18 @@ def test_vlm_eval_answers_the_mcq_file_in_batches(tiny, mcq, tmp_path, capsys):
     assert m["mean_reward"] == pytest.approx(np.mean([0.1 * f + 0.9 * a for f, a in zip(fmt, acc)]))
     assert f"10 questions: accuracy {m['accuracy']:.3f}, format rate {m['format_rate']:.3f}" in printed
     # batching does not change greedy answers (left padding): one prompt at a time gives the same responses
-    model = load_model(tiny)
+    model = load_model(tiny_vlm)
     one = evaluate(model, path, batch_size=1, max_new_tokens=6, limit=4, progress=False)
     assert [i["response"] for i in one["items"]] == responses[:4] and one["data"]["n"] == 4
 
 
-def test_vlm_eval_errors_are_one_line(tiny, tmp_path, capsys):
+def test_vlm_eval_errors_are_one_line(tiny_vlm, tmp_path, capsys):
     from vlm.cli import main
 
-    assert main(["eval", "--model", str(tiny), "--data", str(tmp_path / "none.jsonl"), "--out",
+    assert main(["eval", "--model", str(tiny_vlm), "--data", str(tmp_path / "none.jsonl"), "--out",
                  str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert "none.jsonl: no such JSONL file" in err and "\n" not in err
-    assert main(["eval", "--model", str(tiny), "--data", str(tmp_path / "none.jsonl"), "--out",
+    assert main(["eval", "--model", str(tiny_vlm), "--data", str(tmp_path / "none.jsonl"), "--out",
                  str(tmp_path / "r.json"), "--batch-size", "0"]) == 2
     assert "--batch-size 0: give a number >= 1" in capsys.readouterr().err

@@ -284,7 +284,8 @@ def make_data(store: Any, labels: str, captions: str | Path, out_dir: str | Path
     classes: integer indices), unlabelled tiles skipped. `max_per_class` draws at most that many tiles of
     each class (seeded). Deterministic for a seed. Returns a summary: files, row counts, per-class tiles,
     answer letters, skipped slides."""
-    from clip.captions import DEFAULT_CLASSES, TRAIN_SYNONYMS, _class_of
+    from clip.captions import DEFAULT_CLASSES, TRAIN_SYNONYMS, tiles_by_class
+    from clip.data import CaptionsError
     from clip.data import read_captions
     from wsi.store import TileStore
 
@@ -305,25 +306,10 @@ def make_data(store: Any, labels: str, captions: str | Path, out_dir: str | Path
                      "caption": text} for pos, text in caps.captions]
 
     ids = list(slides) if slides is not None else st.complete_ids()
-    missing = [s for s in ids if s not in st.slide_ids()]
-    if missing:
-        raise VlmError(f"{st.path}: no slide {missing[0]!r} in the store (see `wsi info {st.path}`)")
-    per_class: list[list[tuple[str, int]]] = [[] for _ in classes]
-    skipped: dict[str, str] = {}
-    for sid in ids:
-        view = st[sid]
-        values = view.labels(labels)
-        if view.meta.features_only:
-            skipped[sid] = "no pixels (a features-only import)"
-        elif values is None:
-            skipped[sid] = f"no labels {labels!r}"
-        else:
-            cls = _class_of(values, len(classes), f"{st.path}: labels {labels!r} of slide {sid!r}")
-            for k in range(len(classes)):
-                per_class[k].extend((sid, int(i)) for i in np.flatnonzero(cls == k))
-    if not any(per_class):
-        raise VlmError(f"{st.path}: no tile has labels {labels!r} ({len(skipped)} slides without); make them with "
-                       f"`wsi labels {st.path} --name {labels}`")
+    try:
+        per_class, skipped, _ = tiles_by_class(st, labels, len(classes), ids)
+    except CaptionsError as e:
+        raise VlmError(str(e)) from None
     rng = np.random.default_rng(seed)
     if max_per_class is not None:
         per_class = [[t[i] for i in sorted(rng.choice(len(t), min(len(t), max_per_class), replace=False))]
