@@ -29,7 +29,8 @@ from .cohort import Bag, Cohort, LazyFeatures, name_ids
 from .backoff import Shadow, feedback_hurts
 from .config import DataConfig, TrainConfig, W2SConfig
 from .labels import negative_class
-from .metrics import bag_metrics, class_metrics, instance_metrics, plot_confusion, plot_curves, plot_roc, summarize
+from .metrics import bag_metrics, class_metrics, instance_metrics
+from .report import summarize_run, write_outputs
 from .models import create_model, get_spec
 from .splits import Split, make_splits, write_splits
 from .w2s import class_loss, distill_loss, positive_logit, student_loss
@@ -389,54 +390,5 @@ def train_cohort(cohort: Cohort, cfg: TrainConfig, out_dir: str | Path, *, insta
         log.info("fold %d: best epoch %d, test bag AUC %.3f", split.fold, res.best_epoch, res.metrics["auc"])
     metrics = summarize_run(results, config)
     atomic_write_json(out / "metrics.json", metrics)
-    _write_outputs(out, results, cohort, config)
+    write_outputs(out, results, cohort, config)
     return metrics
-
-
-def summarize_run(results: list[FoldResult], config: dict) -> dict[str, Any]:
-    """metrics.json: bag metrics and instance metrics as {"mean", "std", "folds"}."""
-    m: dict[str, Any] = {"model": config["model"], "w2s": config["w2s"], "positive_class": config["positive_class"],
-                         "class_names": config["class_names"], "encoder": config["encoder"],
-                         "folds": len(results), "run_id": config["run_id"]}
-    for key in ("auc", "accuracy", "balanced_accuracy", "f1"):
-        m[f"bag_{key}"] = summarize([r.metrics[key] for r in results])
-    for who, suffix in (("student", ""), ("attention", "_attention")):
-        for key in ("auc", "ap"):
-            vals = [r.instance[who][key] if r.instance.get(who) else None for r in results]
-            m[f"instance_{key}{suffix}"] = summarize(vals)
-    names = config["class_names"]
-    if len(names) > 2 and all("confusion" in r.metrics for r in results):   # (older runs' folds lack them)
-        # bag_auc is the macro one-vs-rest AUC; per class: one-vs-rest AUC; confusion: summed over the
-        # folds' test parts (rows: true class, columns: predicted), so it counts every tested slide once.
-        m["bag_auc_average"] = "macro one-vs-rest"
-        m["bag_auc_per_class"] = {c: summarize([r.metrics["auc_per_class"][i] for r in results])
-                                  for i, c in enumerate(names)}
-        m["confusion_matrix"] = np.sum([r.metrics["confusion"] for r in results], axis=0).astype(int).tolist()
-    m["best_epochs"] = [r.best_epoch for r in results]
-    if config.get("w2s"):
-        # Per fold: whether the student's feedback (filtering, distillation) was kept, and if not, when and why.
-        m["w2s_feedback"] = [bool((r.w2s or {}).get("feedback", True)) for r in results]
-        m["w2s_backoff"] = [(r.w2s or {}).get("backoff") for r in results]
-    m["instance_labels"] = config.get("instance_labels")
-    return m
-
-
-def _write_outputs(out: Path, results: list[FoldResult], cohort: Cohort, config: dict) -> None:
-    import csv
-
-    title = f"{config['model']}{' + w2s' if config['w2s'] else ''}"
-    if len(cohort.class_names) == 2:
-        plot_roc([(np.array(r.test_labels), np.array(r.test_probs)[:, 1]) for r in results if r.test_probs],
-                 out / "roc.png", f"{title}: test ROC per fold")
-    elif all("confusion" in r.metrics for r in results):
-        plot_confusion(np.sum([r.metrics["confusion"] for r in results], axis=0), cohort.class_names,
-                       out / "confusion.png", f"{title}: test confusion, all folds")
-    plot_curves([r.history for r in results], out / "curves.png", title)
-    patient = {b.slide_id: b.patient_id for b in cohort.bags}
-    with open(out / "predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "patient_id", "fold", "label", "predicted", *[f"prob_{c}" for c in cohort.class_names]])
-        for r in results:
-            for sid, y, p in zip(r.test_ids, r.test_labels, r.test_probs):
-                w.writerow([sid, patient.get(sid, sid), r.fold, cohort.class_names[y],
-                            cohort.class_names[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
