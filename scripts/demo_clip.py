@@ -40,6 +40,7 @@ def clip_stage(store: Path, labels_csv: Path, out: Path, seed: int = 0, progress
     from clip.retrieval import retrieve
     from clip.train import train_clip
     from clip.zeroshot import read_classes, zeroshot
+    from wsi.runtime import seed_everything
 
     out.mkdir(parents=True, exist_ok=True)
     train, test = split_slides(labels_csv, seed=seed)
@@ -54,8 +55,12 @@ def clip_stage(store: Path, labels_csv: Path, out: Path, seed: int = 0, progress
     test_caps = read_captions(out / "captions_test.csv", store=store)
     rows = []
     for name, target in (("untrained", model), ("trained", str(run))):
-        # the probe first: it stores the image tower's features, which zero-shot and retrieval then reuse
+        # the probe first: it stores the image tower's features, which zero-shot and retrieval then reuse.
+        # Seeded before each build: the untrained model's text tower and projection are random, and the
+        # same seed gives the probe's and zero-shot's copies the same weights (so the features are reused).
+        seed_everything(seed)
         pb = probe(target, store, "tumor", shots=[8], train_slides=train, test_slides=test, progress=False)
+        seed_everything(seed)
         enc = load_model(target)
         zs = zeroshot(enc, store, classes, templates, slides=test, labels="tumor", progress=False)
         rt = retrieve(enc, test_caps, store=store, progress=False)
