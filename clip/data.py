@@ -68,11 +68,17 @@ class Captions:
         by_slide = any(g != k[-1] for g, k in zip(self.groups, self.images))   # a file's group is its path
         where = f" from {len(set(self.groups))} slides" if by_slide else ""
         s = f"{len(self.captions)} captions of {len(self.images)} images{where}"
-        if self.dropped:
-            shown = ", ".join(f"line {n} {why}" for n, why in self.dropped[:show])
-            more = f", ... ({len(self.dropped) - show} more)" if len(self.dropped) > show else ""
-            s += f"; {len(self.dropped)} rows dropped: {shown}{more}"
-        return s
+        return s + dropped_lines(self.dropped, "rows", show)
+
+
+def dropped_lines(dropped: list[tuple[int, str]], what: str = "rows", show: int = 3) -> str:
+    """"; 3 rows dropped: line 5 <why>, ..." for a summary line ("" when nothing was dropped); shared by
+    the captions CSVs and the reasoner's JSONL files."""
+    if not dropped:
+        return ""
+    shown = ", ".join(f"line {n} {why}" for n, why in dropped[:show])
+    more = f", ... ({len(dropped) - show} more)" if len(dropped) > show else ""
+    return f"; {len(dropped)} {what} dropped: {shown}{more}"
 
 
 class _StoreIndex:

@@ -58,12 +58,9 @@ class Rows:
 
     def summary(self, show: int = 3) -> str:
         """One line: "120 sft rows; 2 lines dropped: line 3 not JSON (...), ..."."""
-        s = f"{len(self.rows)} {self.stage} rows"
-        if self.dropped:
-            shown = ", ".join(f"line {n} {why}" for n, why in self.dropped[:show])
-            more = f", ... ({len(self.dropped) - show} more)" if len(self.dropped) > show else ""
-            s += f"; {len(self.dropped)} lines dropped: {shown}{more}"
-        return s
+        from clip.data import dropped_lines
+
+        return f"{len(self.rows)} {self.stage} rows" + dropped_lines(self.dropped, "lines", show)
 
 
 def _is_url(path: str) -> bool:
