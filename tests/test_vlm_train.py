@@ -78,6 +78,56 @@ def test_sft_learns_the_toy_task_with_the_folders_defaults(sft_run, capsys):
     assert after["accuracy"] >= 0.9 and after["format_rate"] >= 0.9
 
 
+
+def _sampled_rows(d, copies: int = 8) -> list[dict]:
+    """The held-out questions, each `copies` times, store paths made absolute (rows passed to evaluate)."""
+    from vlm.data import read_jsonl
+
+    return [dict(r, images=[dict(im, store=str(d / im["store"])) for im in r["images"]])
+            for r in read_jsonl(d / "test.jsonl", "eval").rows] * copies
+
+
+def test_sft_then_grpo_learns_and_grpo_raises_the_reward_from_a_weak_start(tmp_path):
+    """Issue 11's proof: a short SFT (a weak start: right when greedy, often malformed or wrong when sampled),
+    then >= 120 GRPO steps with the folder's defaults (lr 3e-4, 4 generations, beta 0): the training reward's
+    last quarter beats its first by >= 0.1, the held-out reward sampled at temperature 1 rises, and held-out
+    greedy accuracy >= 0.9 with format rate >= 0.95 (the untrained model: no format, no right answer).
+    Measured over seeds 0-2 (240 steps, ~40 s): last-minus-first quarter +0.23 to +0.32, held-out sampled
+    reward 0.41 -> 0.70-0.80 (greedy 1.0 and format 1.0 after SFT and after GRPO)."""
+    from vlm.evaluate import evaluate
+    from vlm.tiny import make_tiny
+    from vlm.train import train
+
+    d = tmp_path
+    _toy(d)
+    make_tiny(d / "tiny")
+    held_out = _sampled_rows(d)
+
+    def metrics(model: str) -> tuple[dict, dict]:
+        greedy = evaluate(d / model, d / "test.jsonl", max_new_tokens=64, batch_size=16, progress=False)["metrics"]
+        sampled = evaluate(d / model, held_out, max_new_tokens=64, batch_size=16, temperature=1.0, seed=0,
+                           progress=False)["metrics"]
+        return greedy, sampled
+
+    untrained, _ = metrics("tiny")
+    train("sft", d / "train.jsonl", d / "tiny", d / "sft", max_steps=60, progress=False)
+    sft_greedy, sft_sampled = metrics("sft")
+    s = train("grpo", d / "train.jsonl", d / "sft", d / "grpo", max_steps=240, save_steps=1000, progress=False)
+    grpo_greedy, grpo_sampled = metrics("grpo")
+    r = np.array([e["reward"] for e in s["log"] if "reward" in e])
+    q = len(r) // 4
+    print(f"reward first quarter {r[:q].mean():.3f} -> last {r[-q:].mean():.3f}; held-out sampled reward "
+          f"{sft_sampled['mean_reward']:.3f} -> {grpo_sampled['mean_reward']:.3f}; greedy accuracy "
+          f"{untrained['accuracy']:.2f} -> {sft_greedy['accuracy']:.2f} -> {grpo_greedy['accuracy']:.2f}, format "
+          f"{untrained['format_rate']:.2f} -> {grpo_greedy['format_rate']:.2f} ({s['seconds']:.0f} s of GRPO)")
+    assert len(r) == 240 and s["settings"]["lr"] == 3e-4 and s["settings"]["beta"] == 0.0
+    assert untrained["accuracy"] < 0.6 and untrained["format_rate"] == 0.0
+    assert sft_sampled["mean_reward"] < 0.7                          # a weak start when sampled
+    assert r[-q:].mean() - r[:q].mean() >= 0.1
+    assert grpo_sampled["mean_reward"] >= sft_sampled["mean_reward"] + 0.1
+    assert grpo_greedy["accuracy"] >= 0.9 and grpo_greedy["format_rate"] >= 0.95
+
+
 def test_grpo_from_sft_logs_rewards_and_resumes(sft_run, capsys):
     from vlm.cli import main
     from vlm.model import load_model
@@ -165,6 +215,15 @@ def test_train_settings_and_errors(sft_run, tmp_path, capsys):
     assert main(["train", "--stage", "sft", "--data", str(d / "train.jsonl"), "--model", str(d / "tiny"), "--out",
                  str(tmp_path / "r"), "--lora", "16"]) == 2
     assert "--lora '16': give the rank and alpha" in capsys.readouterr().err
+    import importlib.util
+
+    from vlm.prompts import VlmError
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(VlmError, match="--vllm colocate: vllm is not installed; `pip install vllm`"):
+            resolve_settings("grpo", d / "tiny", {"vllm": "colocate"})
+    with pytest.raises(VlmError, match="--vllm 'fast': give one of colocate, server"):
+        resolve_settings("grpo", d / "tiny", {"vllm": "fast"})
 
 
 def test_lora_and_frozen_vision_train_the_right_weights(sft_run, tmp_path):
@@ -184,3 +243,110 @@ def test_lora_and_frozen_vision_train_the_right_weights(sft_run, tmp_path):
     fv = load_file(tmp_path / "fv" / "model.safetensors")
     assert all(torch.equal(base[k], fv[k]) for k in base if "visual" in k)
     assert any(not torch.equal(base[k], fv[k]) for k in base if k.startswith("model.layers."))
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    """A real OpenAI-compatible HTTP judge on 127.0.0.1 (tests/test_vlm_rewards.JudgeHandler)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from test_vlm_rewards import JudgeHandler
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_grpo_with_grounding_and_judge_process_rewards(sft_run, judge_url, tmp_path, capsys):
+    from test_vlm_rewards import JudgeHandler
+
+    from vlm.cli import main
+
+    d, _ = sft_run
+    JudgeHandler.requests.clear()
+    args = ["-q", "train", "--stage", "grpo", "--data", str(d / "train.jsonl"), "--model", str(d / "sft"),
+            "--out", str(tmp_path / "proc"), "--max-steps", "1", "--grounding", "pathoclip-tiny",
+            "--judge-url", f"{judge_url}/good/v1", "--judge-model", "judge-7b"]
+    assert main([*args, "--reward-weights", "0.1,0.9,0.25,0.5"]) == 0
+    s = json.loads((tmp_path / "proc" / "train_summary.json").read_text())
+    e = next(e for e in s["log"] if "reward" in e)
+    g, j = e["rewards/grounding_reward/mean"], e["rewards/judge_reward/mean"]
+    assert 0.0 <= g <= 1.0 and j == pytest.approx(0.8)                # the server's 0.6 / 1.4 -> 0.8
+    assert e["reward"] == pytest.approx(0.1 * e["rewards/format_reward/mean"] + 0.9 * e["rewards/accuracy_reward/mean"]
+                                        + 0.25 * g + 0.5 * j)
+    assert len(JudgeHandler.requests) == 8                           # one per completion (2 prompts x 4)
+    assert "Which tissue does this tile show?\nA. normal\nB. tumor" in JudgeHandler.requests[0]["body"]["messages"][1]["content"]
+    assert s["settings"]["grounding"] == "pathoclip-tiny" and s["settings"]["judge_model"] == "judge-7b"
+    # two weights: the process rewards get PROCESS_WEIGHT each; a wrong count is one readable line
+    from vlm.train import PROCESS_WEIGHT, reward_functions, resolve_settings
+
+    st = resolve_settings("grpo", d / "sft", {"grounding": "pathoclip-tiny", "judge_url": judge_url, "judge_model": "j"})
+    from vlm.model import load_model
+
+    processor = load_model(d / "sft")[1]
+    funcs, ws = reward_functions("grpo", processor, st, device="cpu")
+    assert [f.__name__ for f in funcs] == ["format_reward", "accuracy_reward", "grounding_reward", "judge_reward"]
+    assert ws == [0.1, 0.9, PROCESS_WEIGHT, PROCESS_WEIGHT]
+    capsys.readouterr()
+    assert main([*args, "--reward-weights", "0.1,0.9,0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(one weight each for format,accuracy,grounding,judge)" in err and "\n" not in err
+    assert main([*args[:-2], "--reward-weights", "0.1,0.9"]) == 2
+    assert "needs both --judge-url and --judge-model" in capsys.readouterr().err
+
+
+class _Evil:
+    """A pickle that would run code when loaded without weights_only."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_resume_refuses_a_checkpoint_pickle_that_would_run_code(sft_run, tmp_path, monkeypatch, capsys):
+    import pickle
+    import shutil
+
+    from vlm.cli import main
+
+    d, _ = sft_run
+    monkeypatch.chdir(tmp_path)
+    args = ["-q", "train", "--stage", "sft", "--data", str(d / "train.jsonl"), "--model", str(d / "tiny"), "--out",
+            str(tmp_path / "run"), "--save-steps", "1"]
+    assert main([*args, "--max-steps", "1"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    assert (ckpt / "model.safetensors").is_file() and not (ckpt / "pytorch_model.bin").exists()
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps({"state": _Evil(), "param_groups": []}))
+    assert main([*args, "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]             # the error: one line, after the logs
+    assert err.startswith("vlm: ") and "checkpoint-1: a checkpoint file holds more than tensors and was not read" in err
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+    shutil.rmtree(ckpt)                                              # the fix the message names
+    assert main([*args, "--max-steps", "2"]) == 0
+
+
+def test_torchrun_two_processes_train_sft_and_dapo_and_write_one_run(sft_run, tmp_path):
+    """What `accelerate launch -m vlm.cli train` does on several GPUs, on 2 CPU processes (gloo): the
+    trainer runs data-parallel, DAPO's dynamic sampling keeps the processes' collectives aligned, and the
+    main process alone writes RUN_DIR and reports."""
+    import subprocess
+    import sys
+
+    d, _ = sft_run
+    for stage, data, model, extra in (("sft", "train.jsonl", d / "tiny", []),
+                                      ("dapo", "train.jsonl", d / "sft", ["--max-tries", "2"])):
+        out = tmp_path / stage
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlm.cli",
+                            "-q", "train", "--stage", stage, "--data", str(d / data), "--model", str(model), "--out",
+                            str(out), "--max-steps", "2", *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        reports = [line for line in r.stdout.splitlines() if line.startswith(f"{stage}: ")]
+        assert len(reports) == 1 and reports[0].startswith(f"{stage}: 2 steps")
+        s = json.loads((out / "train_summary.json").read_text())
+        assert s["processes"] == 2 and s["steps"] == 2 and (out / "model.safetensors").is_file()
+    steps = [e for e in s["log"] if "reward" in e]
+    assert len(steps) == 2 and all(1 <= e["dynamic_sampling/tries"] <= 2 for e in steps)

@@ -1,6 +1,5 @@
 """pathmil's `vlm`: the pathology reasoner of issue 11 (Patho-R1 / PathVLM-R1 on trl).
 
-Built so far:
 - prompts: the one prompt builder every stage uses: Patho-R1's `SYSTEM_PROMPT`, `format_question`,
   `build_messages` (trl's conversational VLM format), `sft_target`, `parse_completion`.
 - rewards: GRPO/DAPO rewards in trl's signature: `format_reward` / `make_format_reward` (pre-filled
@@ -26,16 +25,16 @@ Built so far:
   tiles by a MIL run's stored instance scores (from the store, never `mil`) or by PathoCLIP similarity to
   the question (`select_tiles`), one multi-image prompt (`ask`), a montage of the tiles (`save_montage`).
 - train (`vlm train --stage caption|sft|grpo|dapo --data F --model M --out RUN_DIR`): trl SFTTrainer
-  (completion-only loss, `max_length=None`) and GRPOTrainer (format + accuracy rewards; dapo: loss_type
-  "dapo", epsilon_high 0.28, masked truncation, trl's soft overlong punishment), peft LoRA merged at the
-  end, `--freeze-vision`, settings from the model folder's pathmil_defaults.json, per-device precision /
-  checkpointing / threads, resume (`train`, `resolve_settings`, `build_dataset`, `reward_functions`).
+  (completion-only loss, `max_length=None`) and GRPOTrainer (format + accuracy rewards, optional process
+  rewards `--grounding CLIP` and `--judge-url/--judge-model`; dapo: loss_type "dapo", epsilon_high 0.28,
+  masked truncation, trl's soft overlong punishment), peft LoRA merged at the end, `--freeze-vision`,
+  `--vllm colocate|server`, settings from the model folder's pathmil_defaults.json, per-device precision /
+  checkpointing / threads, resume (weights from safetensors, trainer state with weights_only), several
+  processes under accelerate / torchrun (RUN_DIR written by the main process; configs in
+  configs/accelerate/) (`train`, `resolve_settings`, `reward_names`, `reward_functions`, `build_dataset`).
 - dynamic: DAPO's dynamic sampling as a GRPOTrainer subclass (`DynamicSamplingTrainer`,
   `informative_groups`, `select_rows`, `concat_batches`): zero-variance groups dropped, the batch
   refilled from the data for a bounded number of tries, counts logged per step.
 - cli: `vlm make-tiny`, `vlm data`, `vlm train`, `vlm eval`, `vlm ask`.
-
-Not built yet: the grounding / judge rewards as `vlm train` flags (they are plain reward functions that fit
-`reward_functions`' list), the GRPO learning-proof test (>= 120 steps) and the benchmark.
 """
 from __future__ import annotations

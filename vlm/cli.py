@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,12 +38,16 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from .rewards import parse_reward_weights
     from .train import parse_lora, train
 
-    weights = parse_reward_weights(a.reward_weights) if a.reward_weights else None
+    weights = parse_reward_weights(a.reward_weights, None) if a.reward_weights else None   # count: train checks
     s = train(a.stage, a.data, a.model, a.out, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
               batch_size=a.batch_size, grad_accum=a.grad_accum, num_generations=a.num_generations,
               max_completion_length=a.max_completion_length, temperature=a.temperature, beta=a.beta,
               lora=parse_lora(a.lora), freeze_vision=a.freeze_vision or None, seed=a.seed, reward_weights=weights,
-              save_steps=a.save_steps, max_tries=a.max_tries, device=a.device, progress=not a.quiet)
+              save_steps=a.save_steps, max_tries=a.max_tries, grounding=a.grounding, judge_url=a.judge_url,
+              judge_model=a.judge_model, judge_key_env=a.judge_key_env, judge_timeout=a.judge_timeout, vllm=a.vllm,
+              device=a.device, progress=not a.quiet)
+    if int(os.environ.get("RANK", "0")):
+        return 0                        # under accelerate / torchrun, the main process reports
     losses = [e["loss"] for e in s["log"] if "loss" in e]
     rewards = [e["reward"] for e in s["log"] if "reward" in e]
     what = (f"reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else
@@ -56,7 +61,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .rewards import parse_reward_weights
 
     r = evaluate(a.model, a.data, a.out, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                 temperature=a.temperature, weights=parse_reward_weights(a.reward_weights), limit=a.limit,
+                 temperature=a.temperature, weights=parse_reward_weights(a.reward_weights), limit=a.limit, seed=a.seed,
                  device=a.device, progress=not a.quiet)
     m = r["metrics"]
     print(f"{m['n']} questions: accuracy {m['accuracy']:.3f}, format rate {m['format_rate']:.3f}, mean reward "
@@ -127,10 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lora", default=None, help="r,alpha: LoRA adapters on the language model (merged at the end)")
     r.add_argument("--freeze-vision", action="store_true", help="keep the vision tower's weights fixed")
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--reward-weights", default=None, help="format,accuracy (default: Patho-R1's 0.1,0.9)")
+    r.add_argument("--reward-weights", default=None, help="format,accuracy[,grounding][,judge] (default: Patho-R1's "
+                                                          "0.1,0.9, and 0.5 for each process reward)")
+    r.add_argument("--grounding", default=None, metavar="CLIP", help="grpo/dapo: add the PathoCLIP grounding process "
+                                                                    "reward with this model (a `clip train` RUN_DIR or "
+                                                                    "a PathoCLIP name)")
+    r.add_argument("--judge-url", default=None, help="grpo/dapo: add PathVLM-R1's judge process reward from this "
+                                                     "OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    r.add_argument("--judge-model", default=None, help="the model name the judge endpoint serves")
+    r.add_argument("--judge-key-env", default=None, help="the environment variable holding the judge's API key "
+                                                         "(default: OPENAI_API_KEY; unset: no key sent)")
+    r.add_argument("--judge-timeout", type=float, default=None, help="seconds per judge request (default: 30; a "
+                                                                     "timeout scores the fallback)")
     r.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: 50)")
     r.add_argument("--max-tries", type=int, default=None, help="dapo: generation rounds per batch for dynamic "
                                                                 "sampling (default: 4)")
+    r.add_argument("--vllm", default=None, choices=("colocate", "server"),
+                   help="grpo/dapo on a GPU: generate with vLLM (trl's use_vllm; colocate shares this process's GPU, "
+                        "server needs `trl vllm-serve`)")
     r.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda ...")
     r.set_defaults(func=_cmd_train)
 
@@ -147,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward-weights", default="0.1,0.9", help="format,accuracy weights of the reward "
                                                                "(default: Patho-R1's 0.1,0.9)")
     e.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    e.add_argument("--seed", type=int, default=0, help="the sampling seed when --temperature > 0 (default: 0)")
     e.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
     e.set_defaults(func=_cmd_eval)
 

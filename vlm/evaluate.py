@@ -73,13 +73,17 @@ def summarize(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: str | Path | None = None, *,
              batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.0,
              system: str | None = SYSTEM_PROMPT, weights: Sequence[float] = PATHO_R1_WEIGHTS,
-             limit: int | None = None, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+             limit: int | None = None, seed: int | None = 0, device: str = "auto",
+             progress: bool = True) -> dict[str, Any]:
     """Answer every row of `data` and score it; write RESULT.json to `out` when given.
 
     model: a model folder or hub id (`model.load_model`), or a loaded (model, processor) pair. data: an
     eval JSONL file (`data.read_jsonl(path, "eval")`: bad lines skipped and reported) or rows already
     read (images absolute or store references). Generation is batched (`model.generate`, left-padded),
-    greedy at temperature 0. Returns {"model", "data", "config", "metrics", "items", "created"}."""
+    greedy at temperature 0; sampled at temperature > 0 from torch's generator seeded with `seed` (None:
+    not seeded). Returns {"model", "data", "config", "metrics", "items", "created"}."""
+    import torch
+
     from tqdm.auto import tqdm
 
     from .data import load_images, read_jsonl
@@ -105,6 +109,8 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
         net, processor = load_model(model, device=device)
         name = str(model)
     prefilled = template_prefills_think(processor, system)
+    if temperature > 0 and seed is not None:
+        torch.manual_seed(int(seed))
     completions: list[str] = []
     with tqdm(total=len(rows), desc="vlm eval", unit="q", disable=not progress, leave=False) as bar:
         for i in range(0, len(rows), batch_size):
@@ -118,7 +124,7 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
     for k, row in enumerate(rows):
         items[k]["images"] = row.get("images") or []
     result = {"model": name, "data": {"file": source, "n": len(rows), "dropped_lines": [list(d) for d in dropped]},
-              "config": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature,
+              "config": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
                          "system": system, "reward_weights": list(weights), "prefilled_think": prefilled},
               "metrics": summarize(items), "items": items,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -128,7 +128,7 @@ def accuracy_reward(completions: Sequence[Any], answer: Sequence[str] | str,
 
 def combined_reward(weights: Sequence[float] = PATHO_R1_WEIGHTS, prefilled_think: bool = False) -> RewardFunc:
     """One reward function: weights[0] * format + weights[1] * accuracy (Patho-R1: 0.1, 0.9)."""
-    w_format, w_accuracy = _check_weights(weights, 2, "combined_reward weights")
+    w_format, w_accuracy = check_weights(weights, 2, "combined_reward weights")
 
     def combined_reward_(completions: Sequence[Any], **kwargs: Any) -> list[float]:
         fmt = format_reward(completions, prefilled_think=prefilled_think)
@@ -139,18 +139,20 @@ def combined_reward(weights: Sequence[float] = PATHO_R1_WEIGHTS, prefilled_think
     return combined_reward_
 
 
-def parse_reward_weights(text: str, n: int = 2) -> tuple[float, ...]:
-    """`--reward-weights "0.1,0.9"` (commas or spaces) -> (0.1, 0.9): `n` finite, non-negative numbers,
-    not all zero, in the order of the reward functions (format, accuracy[, process])."""
+def parse_reward_weights(text: str, n: int | None = 2) -> tuple[float, ...]:
+    """`--reward-weights "0.1,0.9"` (commas or spaces) -> (0.1, 0.9): `n` (None: any number of) finite,
+    non-negative numbers, not all zero, in the order of the reward functions (format, accuracy[, process])."""
     parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
     try:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    return _check_weights(values, n, f"--reward-weights {text!r}")
+    return check_weights(values, len(values) or 2 if n is None else n, f"--reward-weights {text!r}")
 
 
-def _check_weights(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
+def check_weights(values: Sequence[float], n: int, what: str) -> tuple[float, ...]:
+    """`values` as a tuple when there are `n` of them, finite, non-negative and not all zero; else a
+    VlmError that starts with `what` and shows an example."""
     values = tuple(float(v) for v in values)
     if len(values) != n or not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
         example = ",".join(str(w) for w in (PATHO_R1_WEIGHTS + (0.5,) * n)[:n])
@@ -159,4 +161,5 @@ def _check_weights(values: Sequence[float], n: int, what: str) -> tuple[float, .
 
 
 __all__ = ["PATHO_R1_WEIGHTS", "completion_text", "format_reward", "make_format_reward", "mcq_choice",
-           "mcq_score", "token_f1", "open_score", "accuracy_reward", "combined_reward", "parse_reward_weights"]
+           "mcq_score", "token_f1", "open_score", "accuracy_reward", "combined_reward", "parse_reward_weights",
+           "check_weights"]

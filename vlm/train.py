@@ -8,7 +8,10 @@ training stages on trl (issue 11).
   `assistant_only_loss` needs `{% generation %}` markers that the real Qwen2.5-VL template lacks and
   transformers >= 5.18 for images. `max_length=None`: truncation would cut image tokens (trl #5927).
 - grpo: trl `GRPOTrainer` (loss_type "grpo"), rewards `rewards.make_format_reward` + `rewards.accuracy_reward`
-  weighted 0.1 / 0.9 (Patho-R1; `reward_weights`).
+  weighted 0.1 / 0.9 (Patho-R1; `reward_weights`), plus the optional process rewards, each weighted
+  `PROCESS_WEIGHT` unless `reward_weights` lists them: PathoCLIP grounding (`grounding`: a PathoCLIP name or
+  `clip train` RUN_DIR, `grounding.make_grounding_reward`) and a judge model (`judge_url` + `judge_model`,
+  `judge.make_judge_reward`, PathVLM-R1's rubric).
 - dapo: `dynamic.DynamicSamplingTrainer` (GRPOTrainer + DAPO's dynamic sampling), loss_type "dapo",
   epsilon_high 0.28, `mask_truncated_completions`, beta 0, and trl's `get_soft_overlong_punishment` as a third
   reward (weight 1).
@@ -19,13 +22,16 @@ checkpointing and one torch thread on a CPU of <= 2 cores (issue 11 measured bf1
 two threads 4-14x slower there). LoRA (`lora=(r, alpha)`, peft) goes on the language model's linear layers
 and is merged into the weights at the end, so RUN_DIR is always a plain model folder that every `--model`
 accepts (safetensors, the processor, the defaults file, train_summary.json); checkpoints live in
-RUN_DIR/checkpoints and a rerun resumes from the last one.
+RUN_DIR/checkpoints and a rerun resumes from the last one: its weights from safetensors, the optimizer,
+scheduler and RNG state through transformers' torch.load(weights_only=True), which refuses a pickle that
+would run code (a VlmError naming the checkpoint).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -49,7 +55,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "temperature": 1.0, "epochs": 1},
 }
 COMMON = {"grad_accum": 1, "max_steps": -1, "seed": 0, "lora": None, "freeze_vision": False,
-          "reward_weights": (0.1, 0.9), "save_steps": 50, "max_tries": 4}
+          "reward_weights": (0.1, 0.9), "save_steps": 50, "max_tries": 4, "grounding": None, "judge_url": None,
+          "judge_model": None, "judge_key_env": "OPENAI_API_KEY", "judge_timeout": 30.0, "vllm": None}
+VLLM_MODES = ("colocate", "server")
+# A process reward (grounding, judge) counts half a right answer unless --reward-weights says otherwise.
+PROCESS_WEIGHT = 0.5
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -77,7 +87,67 @@ def resolve_settings(stage: str, model: str | Path, overrides: Mapping[str, Any]
         if G < 2 or int(settings["batch_size"]) % G:
             raise VlmError(f"--batch-size {settings['batch_size']} (completions per step) must be a multiple of "
                            f"--num-generations {G} (>= 2)")
+        reward_names(settings)          # checked before any model is loaded
+        if settings["vllm"]:
+            import importlib.util
+
+            if settings["vllm"] not in VLLM_MODES:
+                raise VlmError(f"--vllm {settings['vllm']!r}: give one of {', '.join(VLLM_MODES)}")
+            if importlib.util.find_spec("vllm") is None:
+                raise VlmError(f"--vllm {settings['vllm']}: vllm is not installed; `pip install vllm` (GPU) or drop "
+                               "the flag (generation then runs in transformers)")
     return settings
+
+
+def _refuse_zero3(trainer: Any) -> None:
+    ds = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if ds is not None and getattr(ds, "zero_stage", 0) == 3:
+        raise VlmError("DeepSpeed ZeRO-3 shards the weights, and RUN_DIR is written whole from one process; use "
+                       "ZeRO-2 (vlm/configs/accelerate/deepspeed_zero2.yaml) or plain multi-GPU")
+
+
+def _save_run(trainer: Any, processor: Any, model: str | Path, out: Path, s: Mapping[str, Any]) -> dict[str, Any]:
+    """Write RUN_DIR from the main process (accelerate / torchrun start one process per GPU): the weights
+    (LoRA merged in: every rank holds full weights under DDP and ZeRO-2), the processor, the model folder's
+    defaults. Returns {"processes": world size}."""
+    from .tiny import DEFAULTS_FILE
+
+    acc = trainer.accelerator
+    acc.wait_for_everyone()
+    final = acc.unwrap_model(trainer.model)
+    if s.get("lora"):
+        final = final.merge_and_unload()       # RUN_DIR holds plain weights: every --model reads them
+    final.eval()
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        final.save_pretrained(out)
+        processor.save_pretrained(out)
+        if getattr(processor, "image_processor", None) is not None:
+            processor.image_processor.save_pretrained(out)
+        src = Path(model).expanduser()
+        if (src / DEFAULTS_FILE).is_file() and src.resolve() != out.resolve():
+            shutil.copyfile(src / DEFAULTS_FILE, out / DEFAULTS_FILE)   # the next stage reads the same defaults
+    acc.wait_for_everyone()
+    return {"processes": acc.num_processes}
+
+
+def reward_names(s: Mapping[str, Any]) -> list[str]:
+    """The names of the weighted rewards the settings ask for (format, accuracy[, grounding][, judge]);
+    a VlmError when the judge lacks its URL or model, or `reward_weights` has neither 2 values nor one per
+    reward."""
+    from .rewards import check_weights
+
+    if bool(s.get("judge_url")) != bool(s.get("judge_model")):
+        raise VlmError("the judge reward needs both --judge-url and --judge-model")
+    if s.get("judge_url"):
+        from .judge import make_judge_reward
+
+        make_judge_reward(s["judge_url"], s["judge_model"])        # checks the URL (no request is sent)
+    names = ["format", "accuracy"] + ["grounding"] * bool(s.get("grounding")) + ["judge"] * bool(s.get("judge_url"))
+    given = list(s["reward_weights"])
+    check_weights(given, len(names) if len(given) != 2 else 2,
+                  f"--reward-weights {','.join(str(w) for w in given)} (one weight each for {','.join(names)})")
+    return names
 
 
 def parse_lora(text: str | None) -> tuple[int, int] | None:
@@ -143,8 +213,9 @@ def example(row: Mapping[str, Any], stage: str, system: str | None = SYSTEM_PROM
     elif stage == "sft":
         prompt, target = build_messages(row, n, system), sft_target(row)
     else:
+        # question: the judge reward reads it (trl passes every column to the reward functions)
         return {"prompt": build_messages(row, n, system), "answer": str(row["answer"]),
-                "options": list(row["options"]) if row.get("options") else None}
+                "options": list(row["options"]) if row.get("options") else None, "question": str(row["question"])}
     return {"prompt": prompt, "completion": [{"role": "assistant", "content": [{"type": "text", "text": target}]}]}
 
 
@@ -187,6 +258,16 @@ def _prepare_model(net: Any, settings: Mapping[str, Any]) -> Any:
     return net
 
 
+def _checkpointing_field() -> str:
+    """transformers >= 5.2x renamed TrainingArguments.gradient_checkpointing (kept as a warning alias)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def _last_checkpoint(folder: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -199,7 +280,9 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
           max_completion_length: int | None = None, temperature: float | None = None, beta: float | None = None,
           lora: tuple[int, int] | None = None, freeze_vision: bool | None = None, seed: int | None = None,
           reward_weights: Sequence[float] | None = None, save_steps: int | None = None,
-          max_tries: int | None = None, system: str | None = SYSTEM_PROMPT, device: str = "auto",
+          max_tries: int | None = None, grounding: str | Path | None = None, judge_url: str | None = None,
+          judge_model: str | None = None, judge_key_env: str | None = None, judge_timeout: float | None = None,
+          vllm: str | None = None, system: str | None = SYSTEM_PROMPT, device: str = "auto",
           progress: bool = True) -> dict[str, Any]:
     """Train one stage on a JSONL file (`data.read_jsonl(data, stage)`) from `model` (a folder or hub id)
     and write RUN_DIR `out` (module docstring). Returns the summary also written to out/train_summary.json:
@@ -215,7 +298,9 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
                      num_generations=num_generations, max_completion_length=max_completion_length,
                      temperature=temperature, beta=beta, lora=lora, freeze_vision=freeze_vision, seed=seed,
                      reward_weights=tuple(reward_weights) if reward_weights is not None else None,
-                     save_steps=save_steps, max_tries=max_tries)
+                     save_steps=save_steps, max_tries=max_tries,
+                     grounding=str(grounding) if grounding is not None else None, judge_url=judge_url,
+                     judge_model=judge_model, judge_key_env=judge_key_env, judge_timeout=judge_timeout, vllm=vllm)
     s = resolve_settings(stage, model, overrides)
     out = Path(out)
     if out.is_file():
@@ -240,9 +325,10 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
                   max_steps=int(s["max_steps"]), seed=int(s["seed"]), logging_steps=1, report_to="none",
                   save_strategy="steps", save_steps=int(s["save_steps"]), save_total_limit=1,
                   bf16=dev["bf16"], fp16=False, use_cpu=dev["device"] == "cpu",
-                  gradient_checkpointing=dev["gradient_checkpointing"], remove_unused_columns=False,
+                  remove_unused_columns=False,
                   dataloader_num_workers=0, disable_tqdm=not progress, lr_scheduler_type="constant",
                   warmup_steps=0)
+    common[_checkpointing_field()] = dev["gradient_checkpointing"]
     t0 = time.perf_counter()
     if stage in ("caption", "sft"):
         from trl import SFTConfig, SFTTrainer
@@ -250,60 +336,71 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
         args = SFTConfig(**common, max_length=None, completion_only_loss=True, assistant_only_loss=False)
         trainer = SFTTrainer(model=net, args=args, train_dataset=dataset, processing_class=processor)
     else:
-        trainer = _grpo_trainer(stage, net, processor, dataset, s, common, system)
-    trainer.train(resume_from_checkpoint=resume)
+        trainer = _grpo_trainer(stage, net, processor, dataset, s, common, system, dev["device"])
+    _refuse_zero3(trainer)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except pickle.UnpicklingError as exc:
+        # transformers reads the optimizer / scheduler / RNG state with torch.load(weights_only=True): a file
+        # that holds more than tensors and plain containers is refused, never run
+        raise VlmError(f"{resume}: a checkpoint file holds more than tensors and was not read ({str(exc).splitlines()[0]}); "
+                       f"delete {resume} to resume from an earlier checkpoint or start over") from exc
     seconds = time.perf_counter() - t0
-    final = trainer.model
-    if s.get("lora"):
-        final = final.merge_and_unload()       # RUN_DIR holds plain weights: every --model reads them
-    final.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    final.save_pretrained(out)
-    processor.save_pretrained(out)
-    if getattr(processor, "image_processor", None) is not None:
-        processor.image_processor.save_pretrained(out)
-    src = Path(model).expanduser()
-    from .tiny import DEFAULTS_FILE
-
-    if (src / DEFAULTS_FILE).is_file() and src.resolve() != out.resolve():
-        shutil.copyfile(src / DEFAULTS_FILE, out / DEFAULTS_FILE)   # the next stage reads the same defaults
-    summary = {"stage": stage, "model": str(model), "data": str(data), "rows": len(rows),
-               "dropped_lines": [list(d) for d in rows.dropped],
-               "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
-               "device": dev, "resumed_from": resume, "steps": int(trainer.state.global_step),
-               "seconds": round(seconds, 2), "torch": torch.__version__, "log": trainer.state.log_history}
-    atomic_write_json(out / "train_summary.json", summary)
+    summary = _save_run(trainer, processor, model, out, s)
+    summary.update({"stage": stage, "model": str(model), "data": str(data), "rows": len(rows),
+                    "dropped_lines": [list(d) for d in rows.dropped],
+                    "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+                    "device": dev, "resumed_from": resume, "steps": int(trainer.state.global_step),
+                    "seconds": round(seconds, 2), "torch": torch.__version__, "log": trainer.state.log_history})
+    if trainer.is_world_process_zero():
+        atomic_write_json(out / "train_summary.json", summary)
     log.info("%s: %d steps in %.1f s; model folder %s", stage, summary["steps"], seconds, out)
     return summary
 
 
-def reward_functions(stage: str, processor: Any, weights: Sequence[float], max_completion_length: int,
-                     system: str | None = SYSTEM_PROMPT) -> tuple[list, list[float]]:
-    """(reward functions, weights) for grpo / dapo: format (pre-filled `<think>` templates detected) and
-    accuracy with `weights`; dapo adds trl's soft overlong punishment (weight 1, cache a fifth of the
-    completion length, DAPO's 4k of 20k)."""
+def reward_functions(stage: str, processor: Any, s: Mapping[str, Any], system: str | None = SYSTEM_PROMPT,
+                     device: str = "auto") -> tuple[list, list[float]]:
+    """(reward functions, weights) for grpo / dapo from the settings `s`: format (pre-filled `<think>`
+    templates detected) and accuracy, then the process rewards that `s` asks for (grounding, judge), with
+    `s["reward_weights"]` (two values: the process rewards get `PROCESS_WEIGHT` each); dapo adds trl's soft
+    overlong punishment (weight 1, cache a fifth of the completion length, DAPO's 4k of 20k)."""
     from .evaluate import template_prefills_think
-    from .rewards import accuracy_reward, make_format_reward, parse_reward_weights
+    from .rewards import accuracy_reward, make_format_reward
 
-    w = parse_reward_weights(",".join(str(x) for x in weights))
-    funcs: list = [make_format_reward(template_prefills_think(processor, system)), accuracy_reward]
-    ws = [float(w[0]), float(w[1])]
+    names = reward_names(s)
+    prefilled = template_prefills_think(processor, system)
+    funcs: list = [make_format_reward(prefilled), accuracy_reward]
+    if "grounding" in names:
+        from .grounding import make_grounding_reward
+
+        funcs.append(make_grounding_reward(s["grounding"], prefilled_think=prefilled, device=device))
+    if "judge" in names:
+        from .judge import make_judge_reward
+
+        funcs.append(make_judge_reward(s["judge_url"], s["judge_model"], s.get("judge_key_env") or "OPENAI_API_KEY",
+                                       float(s.get("judge_timeout") or 30.0)))
+    ws = [float(w) for w in s["reward_weights"]]
+    ws += [PROCESS_WEIGHT] * (len(funcs) - len(ws))
     if stage == "dapo":
         from trl.rewards import get_soft_overlong_punishment
 
-        funcs.append(get_soft_overlong_punishment(int(max_completion_length), max(1, int(max_completion_length) // 5)))
+        L = int(s["max_completion_length"])
+        funcs.append(get_soft_overlong_punishment(L, max(1, L // 5)))
         ws.append(1.0)
     return funcs, ws
 
 
 def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping[str, Any],
-                  common: Mapping[str, Any], system: str | None):
+                  common: Mapping[str, Any], system: str | None, device: str):
     from trl import GRPOConfig, GRPOTrainer
 
-    funcs, weights = reward_functions(stage, processor, s["reward_weights"], int(s["max_completion_length"]), system)
+    funcs, weights = reward_functions(stage, processor, s, system, device)
     kw = dict(num_generations=int(s["num_generations"]), max_completion_length=int(s["max_completion_length"]),
               temperature=float(s["temperature"]), beta=float(s["beta"]), reward_weights=weights,
               top_k=0, top_p=1.0, log_completions=False)
+    if s.get("vllm"):
+        # trl's vLLM generation (colocate: in this process, sharing the GPU; server: `trl vllm-serve`)
+        kw.update(use_vllm=True, vllm_mode=s["vllm"])
     if stage == "dapo":
         from .dynamic import DynamicSamplingTrainer
 
@@ -314,5 +411,5 @@ def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping
     return GRPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=processor, reward_funcs=funcs)
 
 
-__all__ = ["STAGES", "DEFAULTS", "CAPTION_QUESTION", "resolve_settings", "parse_lora", "setup_device", "example",
-           "build_dataset", "reward_functions", "train"]
+__all__ = ["STAGES", "DEFAULTS", "PROCESS_WEIGHT", "CAPTION_QUESTION", "resolve_settings", "parse_lora", "setup_device", "example",
+           "build_dataset", "reward_names", "reward_functions", "train"]

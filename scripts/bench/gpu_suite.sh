@@ -5,6 +5,8 @@
 #   bash scripts/bench/gpu_suite.sh perf   # PathoCLIP ViT-B-16 bf16 under torchrun (images/s, GPU busy),
 #                                          # clip train vs bare open_clip, MIL epoch vs its floor (bf16)
 #   bash scripts/bench/gpu_suite.sh w2s    # bench_w2s --setting hard-synth: 3 seeds x 4 models in parallel
+#   bash scripts/bench/gpu_suite.sh vlm    # a Qwen2.5-VL-3B-shaped bf16 + LoRA GRPO run: peak memory,
+#                                          # generation tokens/s, step time (needs trl and datasets there)
 set -uo pipefail
 what=${1:-perf}
 OUT=${OUT:-/tmp/gpu_suite}
@@ -20,6 +22,13 @@ if [ "$what" = perf ]; then
   timeout 120 $py $b/bench_clip.py step --model ViT-B-16 --batch-size 128 --steps 25 --device cuda \
     --json "$OUT/clip_step_gpu.json" 2>&1 | tail -2
   timeout 150 $py $b/bench_mil_speed.py --device cuda --bags 48 --repeats 2 2>&1 | tee "$OUT/mil_gpu.txt" | tail -6
+  exit 0
+fi
+
+if [ "$what" = vlm ]; then
+  $py -c "import trl, datasets" 2>/dev/null || { echo "vlm: trl / datasets are not installed on this machine"; exit 3; }
+  timeout 500 $py $b/bench_vlm.py gpu --shape 3b --lora 16,32 --steps 4 --max-new 256 --json "$OUT/vlm_gpu.json" 2>&1 \
+    | grep -v "Warning\|warn" | tail -8
   exit 0
 fi
 
