@@ -11,7 +11,12 @@
 6. the corrected model's tile scores written back to the store and drawn (`mil predict`, `mil heatmap`);
 7. PathoCLIP: captions from the tile labels (`clip captions`), pathoclip-lite trained on the training
    slides (`clip train`), zero-shot, retrieval and 8-shot probe on held-out slides, next to the
-   untrained model (`clip zeroshot / retrieve / probe`).
+   untrained model (`clip zeroshot / retrieve / probe`);
+8. the reasoner: a tiny random-weight Qwen2.5-VL (`vlm make-tiny`), caption / SFT / MCQ data from the cohort
+   (`vlm data`), caption pretraining, chain-of-thought SFT and GRPO for a few steps each (`vlm train`),
+   held-out MCQ accuracy before and after (`vlm eval`), and one question about a tumor slide's top tiles by
+   the MIL run's scores, with their montage (`vlm ask`). The tiny model demonstrates the pipeline; real
+   answers need a real checkpoint (e.g. `--model WenchuanZhang/Patho-R1-3B`).
 
 Run again and it resumes: complete slides are skipped. `--fresh` starts over.
 """
@@ -58,21 +63,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{synth_dir} holds another cohort size; pass --fresh to start over")
         return 2
     if not labels.is_file():
-        print(f"[1/8] writing {a.slides} synthetic slides ({a.size}x{a.size * 3 // 4} px, 0.25 µm/px) to {synth_dir}")
+        print(f"[1/9] writing {a.slides} synthetic slides ({a.size}x{a.size * 3 // 4} px, 0.25 µm/px) to {synth_dir}")
         make_cohort(synth_dir, n_slides=a.slides, seed=a.seed, width=a.size, height=a.size * 3 // 4,
                     workers=a.workers)
     else:
-        print(f"[1/8] synthetic cohort already in {synth_dir}")
+        print(f"[1/9] synthetic cohort already in {synth_dir}")
     real = fetch_sample("cmu_small_region.svs")
-    print(f"[2/8] real slide: {real}")
+    print(f"[2/9] real slide: {real}")
 
     cohort = a.out / "cohort.csv"
     rows = ["path,slide_id"] + [f"{s},{s.stem}" for s in sorted(synth_dir.glob("*.svs"))] + [f"{real},cmu_small_region"]
     cohort.write_text("\n".join(rows) + "\n")
     store = a.out / "cohort.zarr"
-    print(f"[3/8] tiling {len(rows) - 1} slides into {store} (0.5 µm/px, 256 px tiles)")
+    print(f"[3/9] tiling {len(rows) - 1} slides into {store} (0.5 µm/px, 256 px tiles)")
     results = tile_cohort(resolve_sources([cohort]), store, TilingConfig(), workers=a.workers, viz_dir=a.out / "viz")
-    print(f"[4/8] embedding every tile with {a.encoder}")
+    print(f"[4/9] embedding every tile with {a.encoder}")
     embedded = embed_store(store, EmbedConfig(a.encoder, batch_size=64))
     failed_embed = [r for r in embedded if r.status == "failed"]
     print()
@@ -88,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     from mil.w2s import W2SConfig
     from wsi.annotations import label_store
 
-    print(f"\n[5/8] tile labels from {synth_dir / 'annotations'} (a tile is tumor when > 50% annotated)")
+    print(f"\n[5/9] tile labels from {synth_dir / 'annotations'} (a tile is tumor when > 50% annotated)")
     label_store(store, synth_dir / "annotations", name="tumor", progress=False)
-    print(f"[6/8] ABMIL on slide labels alone, {a.folds}-fold, without and with weak-to-strong correction "
+    print(f"[6/9] ABMIL on slide labels alone, {a.folds}-fold, without and with weak-to-strong correction "
           "(the real slide has no label: it is listed and left out)")
     cohort_m = load_cohort(labels, store=store, encoder=a.encoder, instance_labels="tumor", progress=False)
     runs = a.out / "runs"
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print("bag AUC: slide classification on held-out folds; instance AUC: the tiles' tumor scores against the "
           "annotations (student = instance branch)")
     best = runs / "abmil-w2s"
-    print(f"\n[7/8] tile scores of {best.name} into the store and heatmaps into {a.out / 'heatmaps'}")
+    print(f"\n[7/9] tile scores of {best.name} into the store and heatmaps into {a.out / 'heatmaps'}")
     predict_store(store, best, progress=False)
     tumor = [b.slide_id for b in cohort_m.bags if b.label == 1][0]
     pics = []
@@ -113,9 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "scripts"))
     from demo_clip import clip_stage, rows_table
 
-    print(f"\n[8/8] PathoCLIP: captions from the tile labels of the training slides, pathoclip-lite trained on them "
+    print("\n[8/9] PathoCLIP: captions from the tile labels of the training slides, pathoclip-lite trained on them "
           "(locked image tower), evaluated on held-out slides with prompts not used in training")
     print(rows_table(clip_stage(store, labels, a.out / "clip", seed=a.seed)))
+
+    from demo_vlm import ASK_OPTIONS, ASK_QUESTION, real_model_note, runs_line, vlm_stage
+    from demo_vlm import rows_table as vlm_table
+    from vlm.ask import format_answer
+
+    print(f"\n[9/9] the reasoner: a tiny random-weight Qwen2.5-VL, caption -> SFT -> GRPO for a few steps on tile "
+          f"MCQs of the training slides, held-out MCQs answered before and after, then asked about {tumor}'s "
+          f"top tiles by {best.name}")
+    t9 = time.perf_counter()
+    vr = vlm_stage(store, labels, a.out / "vlm", mil_run=best.name, tumor_slide=tumor, clip_dir=a.out / "clip",
+                   seed=a.seed)
+    print(vlm_table(vr["rows"]))
+    print(f"{runs_line(vr['runs'])}; stage {time.perf_counter() - t9:.0f} s")
+    print(f"\nvlm ask {tumor} \"{ASK_QUESTION}\" (options: {' / '.join(ASK_OPTIONS)}), about its most telling tile "
+          f"by {best.name}:")
+    print(format_answer(vr["ask"]))
+    print(real_model_note(store, tumor, best.name))
     print(f"\nstore: {store}   overviews: {a.out / 'viz'}   runs: {runs}   ({time.perf_counter() - t0:.0f} s)")
     print(f"inspect with: .venv/bin/wsi info {store}   and   open {runs / 'abmil-w2s' / 'roc.png'}")
     return 1 if any(r.status == "failed" for r in results) or failed_embed else 0

@@ -85,12 +85,16 @@ def save_montage(images: Sequence[Any], tiles: Sequence[dict], path: str | Path,
         raise VlmError("no tiles to put in a montage")
     cols = max(1, min(columns, len(images)))
     rows = -(-len(images) // cols)
+    import textwrap
+
     pad, text_h = 6, 30
-    head = 20 if title else 0
+    # wrapped to the grid's width (about 6 px a character): a one-tile montage keeps its whole title
+    lines = textwrap.wrap(title, width=max(20, (cols * (cell + pad)) // 6)) if title else []
+    head = 13 * len(lines) + 6 if lines else 0
     canvas = Image.new("RGB", (cols * (cell + pad) + pad, head + rows * (cell + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, 4), title[:cols * 26], fill="black")
+    for i, line in enumerate(lines):
+        draw.text((pad, 4 + 13 * i), line, fill="black")
     for n, (im, t) in enumerate(zip(images, tiles)):
         im = im if hasattr(im, "resize") else Image.fromarray(np.asarray(im, np.uint8))
         x0 = pad + (n % cols) * (cell + pad)

@@ -99,6 +99,24 @@ def resolve_settings(stage: str, model: str | Path, overrides: Mapping[str, Any]
     return settings
 
 
+def _bar_not_lines(trainer: Any, progress: bool) -> None:
+    """transformers prints every step's log dict (a line per step, with or without the bar): show the loss /
+    reward on the progress bar instead, and nothing when `progress` is off. The logs stay in the summary."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class MetricsOnBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                keys = ("loss", "reward", "dynamic_sampling/dropped_groups")
+                shown = {k.split("/")[-1]: f"{logs[k]:.3g}" for k in keys if isinstance(logs.get(k), (int, float))}
+                self.training_bar.set_postfix(shown, refresh=False)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(MetricsOnBar())
+
+
 def _refuse_zero3(trainer: Any) -> None:
     ds = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if ds is not None and getattr(ds, "zero_stage", 0) == 3:
@@ -338,12 +356,14 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
     else:
         trainer = _grpo_trainer(stage, net, processor, dataset, s, common, system, dev["device"])
     _refuse_zero3(trainer)
+    _bar_not_lines(trainer, progress)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except pickle.UnpicklingError as exc:
         # transformers reads the optimizer / scheduler / RNG state with torch.load(weights_only=True): a file
         # that holds more than tensors and plain containers is refused, never run
-        raise VlmError(f"{resume}: a checkpoint file holds more than tensors and was not read ({str(exc).splitlines()[0]}); "
+        why = str(exc).splitlines()[0]
+        raise VlmError(f"{resume}: a checkpoint file holds more than tensors and was not read ({why}); "
                        f"delete {resume} to resume from an earlier checkpoint or start over") from exc
     seconds = time.perf_counter() - t0
     summary = _save_run(trainer, processor, model, out, s)
@@ -411,5 +431,5 @@ def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping
     return GRPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=processor, reward_funcs=funcs)
 
 
-__all__ = ["STAGES", "DEFAULTS", "PROCESS_WEIGHT", "CAPTION_QUESTION", "resolve_settings", "parse_lora", "setup_device", "example",
-           "build_dataset", "reward_names", "reward_functions", "train"]
+__all__ = ["STAGES", "DEFAULTS", "PROCESS_WEIGHT", "CAPTION_QUESTION", "resolve_settings", "parse_lora", "setup_device",
+           "example", "build_dataset", "reward_names", "reward_functions", "train"]
