@@ -281,7 +281,8 @@ def test_grpo_with_grounding_and_judge_process_rewards(sft_run, judge_url, tmp_p
     assert "Which tissue does this tile show?\nA. normal\nB. tumor" in JudgeHandler.requests[0]["body"]["messages"][1]["content"]
     assert s["settings"]["grounding"] == "pathoclip-tiny" and s["settings"]["judge_model"] == "judge-7b"
     # two weights: the process rewards get PROCESS_WEIGHT each; a wrong count is one readable line
-    from vlm.train import PROCESS_WEIGHT, reward_functions, resolve_settings
+    from vlm.reward_set import PROCESS_WEIGHT, reward_functions
+    from vlm.train import resolve_settings
 
     st = resolve_settings("grpo", d / "sft", {"grounding": "pathoclip-tiny", "judge_url": judge_url, "judge_model": "j"})
     from vlm.model import load_model

@@ -31,7 +31,8 @@
   `--vllm colocate|server`, settings from the model folder's pathmil_defaults.json, per-device precision /
   checkpointing / threads, resume (weights from safetensors, trainer state with weights_only), several
   processes under accelerate / torchrun (RUN_DIR written by the main process; configs in
-  configs/accelerate/) (`train`, `resolve_settings`, `reward_names`, `reward_functions`, `build_dataset`).
+  configs/accelerate/) (`train`, `resolve_settings`, `build_dataset`).
+- reward_set: the reward functions and weights of a grpo / dapo run (`reward_names`, `reward_functions`).
 - dynamic: DAPO's dynamic sampling as a GRPOTrainer subclass (`DynamicSamplingTrainer`,
   `informative_groups`, `select_rows`, `concat_batches`): zero-variance groups dropped, the batch
   refilled from the data for a bounded number of tries, counts logged per step.

@@ -8,10 +8,8 @@ training stages on trl (issue 11).
   `assistant_only_loss` needs `{% generation %}` markers that the real Qwen2.5-VL template lacks and
   transformers >= 5.18 for images. `max_length=None`: truncation would cut image tokens (trl #5927).
 - grpo: trl `GRPOTrainer` (loss_type "grpo"), rewards `rewards.make_format_reward` + `rewards.accuracy_reward`
-  weighted 0.1 / 0.9 (Patho-R1; `reward_weights`), plus the optional process rewards, each weighted
-  `PROCESS_WEIGHT` unless `reward_weights` lists them: PathoCLIP grounding (`grounding`: a PathoCLIP name or
-  `clip train` RUN_DIR, `grounding.make_grounding_reward`) and a judge model (`judge_url` + `judge_model`,
-  `judge.make_judge_reward`, PathVLM-R1's rubric).
+  weighted 0.1 / 0.9 (Patho-R1; `reward_weights`), plus the optional process rewards (PathoCLIP `grounding`,
+  a `judge_url` + `judge_model`): `reward_set.reward_functions` assembles them.
 - dapo: `dynamic.DynamicSamplingTrainer` (GRPOTrainer + DAPO's dynamic sampling), loss_type "dapo",
   epsilon_high 0.28, `mask_truncated_completions`, beta 0, and trl's `get_soft_overlong_punishment` as a third
   reward (weight 1).
@@ -58,8 +56,6 @@ COMMON = {"grad_accum": 1, "max_steps": -1, "seed": 0, "lora": None, "freeze_vis
           "reward_weights": (0.1, 0.9), "save_steps": 50, "max_tries": 4, "grounding": None, "judge_url": None,
           "judge_model": None, "judge_key_env": "OPENAI_API_KEY", "judge_timeout": 30.0, "vllm": None}
 VLLM_MODES = ("colocate", "server")
-# A process reward (grounding, judge) counts half a right answer unless --reward-weights says otherwise.
-PROCESS_WEIGHT = 0.5
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -87,6 +83,8 @@ def resolve_settings(stage: str, model: str | Path, overrides: Mapping[str, Any]
         if G < 2 or int(settings["batch_size"]) % G:
             raise VlmError(f"--batch-size {settings['batch_size']} (completions per step) must be a multiple of "
                            f"--num-generations {G} (>= 2)")
+        from .reward_set import reward_names
+
         reward_names(settings)          # checked before any model is loaded
         if settings["vllm"]:
             import importlib.util
@@ -147,25 +145,6 @@ def _save_run(trainer: Any, processor: Any, model: str | Path, out: Path, s: Map
             shutil.copyfile(src / DEFAULTS_FILE, out / DEFAULTS_FILE)   # the next stage reads the same defaults
     acc.wait_for_everyone()
     return {"processes": acc.num_processes}
-
-
-def reward_names(s: Mapping[str, Any]) -> list[str]:
-    """The names of the weighted rewards the settings ask for (format, accuracy[, grounding][, judge]);
-    a VlmError when the judge lacks its URL or model, or `reward_weights` has neither 2 values nor one per
-    reward."""
-    from .rewards import check_weights
-
-    if bool(s.get("judge_url")) != bool(s.get("judge_model")):
-        raise VlmError("the judge reward needs both --judge-url and --judge-model")
-    if s.get("judge_url"):
-        from .judge import make_judge_reward
-
-        make_judge_reward(s["judge_url"], s["judge_model"])        # checks the URL (no request is sent)
-    names = ["format", "accuracy"] + ["grounding"] * bool(s.get("grounding")) + ["judge"] * bool(s.get("judge_url"))
-    given = list(s["reward_weights"])
-    check_weights(given, len(names) if len(given) != 2 else 2,
-                  f"--reward-weights {','.join(str(w) for w in given)} (one weight each for {','.join(names)})")
-    return names
 
 
 def parse_lora(text: str | None) -> tuple[int, int] | None:
@@ -378,41 +357,11 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
     return summary
 
 
-def reward_functions(stage: str, processor: Any, s: Mapping[str, Any], system: str | None = SYSTEM_PROMPT,
-                     device: str = "auto") -> tuple[list, list[float]]:
-    """(reward functions, weights) for grpo / dapo from the settings `s`: format (pre-filled `<think>`
-    templates detected) and accuracy, then the process rewards that `s` asks for (grounding, judge), with
-    `s["reward_weights"]` (two values: the process rewards get `PROCESS_WEIGHT` each); dapo adds trl's soft
-    overlong punishment (weight 1, cache a fifth of the completion length, DAPO's 4k of 20k)."""
-    from .evaluate import template_prefills_think
-    from .rewards import accuracy_reward, make_format_reward
-
-    names = reward_names(s)
-    prefilled = template_prefills_think(processor, system)
-    funcs: list = [make_format_reward(prefilled), accuracy_reward]
-    if "grounding" in names:
-        from .grounding import make_grounding_reward
-
-        funcs.append(make_grounding_reward(s["grounding"], prefilled_think=prefilled, device=device))
-    if "judge" in names:
-        from .judge import make_judge_reward
-
-        funcs.append(make_judge_reward(s["judge_url"], s["judge_model"], s.get("judge_key_env") or "OPENAI_API_KEY",
-                                       float(s.get("judge_timeout") or 30.0)))
-    ws = [float(w) for w in s["reward_weights"]]
-    ws += [PROCESS_WEIGHT] * (len(funcs) - len(ws))
-    if stage == "dapo":
-        from trl.rewards import get_soft_overlong_punishment
-
-        L = int(s["max_completion_length"])
-        funcs.append(get_soft_overlong_punishment(L, max(1, L // 5)))
-        ws.append(1.0)
-    return funcs, ws
-
-
 def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping[str, Any],
                   common: Mapping[str, Any], system: str | None, device: str):
     from trl import GRPOConfig, GRPOTrainer
+
+    from .reward_set import reward_functions
 
     funcs, weights = reward_functions(stage, processor, s, system, device)
     kw = dict(num_generations=int(s["num_generations"]), max_completion_length=int(s["max_completion_length"]),
@@ -431,5 +380,5 @@ def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping
     return GRPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=processor, reward_funcs=funcs)
 
 
-__all__ = ["STAGES", "DEFAULTS", "PROCESS_WEIGHT", "CAPTION_QUESTION", "resolve_settings", "parse_lora", "setup_device",
-           "example", "build_dataset", "reward_names", "reward_functions", "train"]
+__all__ = ["STAGES", "DEFAULTS", "CAPTION_QUESTION", "resolve_settings", "parse_lora", "setup_device", "example",
+           "build_dataset", "train"]
