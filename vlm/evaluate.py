@@ -83,7 +83,6 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
     greedy at temperature 0; sampled at temperature > 0 from torch's generator seeded with `seed` (None:
     not seeded). Returns {"model", "data", "config", "metrics", "items", "created"}."""
     import torch
-
     from tqdm.auto import tqdm
 
     from .data import load_images, read_jsonl
@@ -124,8 +123,8 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
     for k, row in enumerate(rows):
         items[k]["images"] = row.get("images") or []
     result = {"model": name, "data": {"file": source, "n": len(rows), "dropped_lines": [list(d) for d in dropped]},
-              "config": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-                         "system": system, "reward_weights": list(weights), "prefilled_think": prefilled},
+              "config": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                         "seed": seed, "system": system, "reward_weights": list(weights), "prefilled_think": prefilled},
               "metrics": summarize(items), "items": items,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if out is not None:
