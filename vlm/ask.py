@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,8 +86,6 @@ def save_montage(images: Sequence[Any], tiles: Sequence[dict], path: str | Path,
         raise VlmError("no tiles to put in a montage")
     cols = max(1, min(columns, len(images)))
     rows = -(-len(images) // cols)
-    import textwrap
-
     pad, text_h = 6, 30
     # wrapped to the grid's width (about 6 px a character): a one-tile montage keeps its whole title
     lines = textwrap.wrap(title, width=max(20, (cols * (cell + pad)) // 6)) if title else []

@@ -135,13 +135,18 @@ def judge_reward(completions: Sequence[Any], *, question: Sequence[str] | str, a
     return scores
 
 
-def make_judge_reward(judge_url: str, judge_model: str, api_key_env: str = "OPENAI_API_KEY",
-                      timeout: float = 30) -> RewardFunc:
-    """`judge_reward` bound to one endpoint, for trl's `reward_funcs` list (`--judge-url`, `--judge-model`)."""
+def check_endpoint(judge_url: str, judge_model: str) -> None:
+    """A VlmError unless `judge_url` is an http(s) URL and `judge_model` is given (no request is sent)."""
     if urlparse(judge_url).scheme not in ("http", "https") or not urlparse(judge_url).netloc:
         raise VlmError(f"--judge-url {judge_url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000/v1")
     if not judge_model:
         raise VlmError("--judge-model is empty; give the model name the endpoint serves")
+
+
+def make_judge_reward(judge_url: str, judge_model: str, api_key_env: str = "OPENAI_API_KEY",
+                      timeout: float = 30) -> RewardFunc:
+    """`judge_reward` bound to one endpoint, for trl's `reward_funcs` list (`--judge-url`, `--judge-model`)."""
+    check_endpoint(judge_url, judge_model)
 
     def judge_reward_(completions: Sequence[Any], **kwargs: Any) -> list[float]:
         return judge_reward(completions, judge_url=judge_url, judge_model=judge_model, api_key_env=api_key_env,
@@ -151,4 +156,5 @@ def make_judge_reward(judge_url: str, judge_model: str, api_key_env: str = "OPEN
     return judge_reward_
 
 
-__all__ = ["RUBRIC", "chat_url", "parse_scores", "judge_prompt", "ask_judge", "judge_reward", "make_judge_reward"]
+__all__ = ["RUBRIC", "chat_url", "parse_scores", "judge_prompt", "ask_judge", "judge_reward", "check_endpoint",
+           "make_judge_reward"]

@@ -26,9 +26,9 @@ def reward_names(s: Mapping[str, Any]) -> list[str]:
     if bool(s.get("judge_url")) != bool(s.get("judge_model")):
         raise VlmError("the judge reward needs both --judge-url and --judge-model")
     if s.get("judge_url"):
-        from .judge import make_judge_reward
+        from .judge import check_endpoint
 
-        make_judge_reward(s["judge_url"], s["judge_model"])        # checks the URL (no request is sent)
+        check_endpoint(s["judge_url"], s["judge_model"])
     names = ["format", "accuracy"] + ["grounding"] * bool(s.get("grounding")) + ["judge"] * bool(s.get("judge_url"))
     given = list(s["reward_weights"])
     check_weights(given, len(names) if len(given) != 2 else 2,

@@ -168,7 +168,8 @@ def shaped_model(out: Path, shape: str, device: str) -> dict:
     net.save_pretrained(out)
     n = sum(p.numel() for p in net.parameters())
     del net
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"parameters": n}
 
 
