@@ -145,9 +145,9 @@ class JudgeEndpoint:
         SCRUB.secrets.update(s for s in (judge_url.rstrip("/"), chat_url(judge_url), base_url(judge_url), u.netloc,
                                          f"host={u.hostname!r}", key) if s)
         # explicit key and no organisation/project headers: nothing is read from OPENAI_* variables
-        self._headers: dict[str, Any] = {"OpenAI-Organization": openai.omit, "OpenAI-Project": openai.omit}
+        self._headers: dict[str, Any] = {"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()}
         if not key:
-            self._headers["Authorization"] = openai.omit
+            self._headers["Authorization"] = openai.Omit()
         self._client = openai.OpenAI(base_url=base_url(judge_url), api_key=key or "unused", timeout=timeout,
                                      max_retries=max_retries)
         self._refused = (openai.BadRequestError, openai.UnprocessableEntityError)
