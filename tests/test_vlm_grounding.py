@@ -75,7 +75,7 @@ def test_reward_does_not_depend_on_batch_mates(reward):
     red, red2, blue = flat("red"), flat("red", 7), flat("blue", 1)
     mine = says("A tile stained red.")
     alone = score(reward, [mine, mine], ["red"] * 2, [red, red])[0]
-    with_blue = score(reward, [mine, mine, says("A tile stained blue.")] * 1, ["red", "red", "blue"], [red, red, blue])[0]
+    with_blue = score(reward, [mine, mine, says("A tile stained blue.")], ["red", "red", "blue"], [red, red, blue])[0]
     with_red = score(reward, [mine, says("A tile stained red.")], ["red", "red"], [red, red2])[0]
     assert alone == pytest.approx(with_blue, abs=1e-5) and alone == pytest.approx(with_red, abs=1e-5)
     assert alone > 0.9                                   # the tile's own colour: well above the neutral 0.5

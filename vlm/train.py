@@ -280,8 +280,8 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
           reward_weights: Sequence[float] | None = None, save_steps: int | None = None,
           max_tries: int | None = None, grounding: str | Path | None = None, judge_url: str | None = None,
           judge_model: str | None = None, judge_key_env: str | None = None, judge_timeout: float | None = None,
-          judge_text_only: bool | None = None, vllm: str | None = None, system: str | None = SYSTEM_PROMPT, device: str = "auto",
-          progress: bool = True) -> dict[str, Any]:
+          judge_text_only: bool | None = None, vllm: str | None = None, system: str | None = SYSTEM_PROMPT,
+          device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Train one stage on a JSONL file (`data.read_jsonl(data, stage)`) from `model` (a folder or hub id)
     and write RUN_DIR `out` (module docstring). Returns the summary also written to out/train_summary.json:
     stage, settings, device, rows, steps, seconds, log (trl's log history: loss per step for caption/sft,
@@ -362,7 +362,8 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
 
 
 def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping[str, Any],
-                  common: Mapping[str, Any], system: str | None, device: str, rows: Sequence[Mapping[str, Any]] = ()):
+                  common: Mapping[str, Any], system: str | None, device: str,
+                  rows: Sequence[Mapping[str, Any]] | None = None):
     from trl import GRPOConfig, GRPOTrainer
 
     from .reward_set import reward_functions
