@@ -406,6 +406,16 @@ def test_judge_falls_back_to_plain_json_when_the_schema_is_refused(judge_server,
     assert caplog.text.count("refuses response_format") == 1
 
 
+def test_judge_endpoint_without_images_says_text_only(judge_server, caplog):
+    from PIL import Image
+
+    tile = Image.new("RGB", (32, 32))
+    assert judge(f"{judge_server}/noimage/v1", completions=[RIGHT], images=[tile]) == [0.5]
+    assert "needs --judge-text-only" in caplog.text
+    assert judge(f"{judge_server}/noimage/v1", completions=[RIGHT], images=[tile], text_only=True) == \
+        pytest.approx([0.8])
+
+
 def test_judge_fenced_whole_reply_is_accepted(judge_server):
     assert judge(f"{judge_server}/fenced/v1") == pytest.approx([0.3, 0.3])
 

@@ -29,6 +29,7 @@ with `vlm.data.load_images`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -116,6 +117,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+@functools.lru_cache(maxsize=1)
 def _canonical_classes() -> dict[str, str]:
     """Normalised phrase -> class name for the synonyms `vlm data` phrases options with."""
     from clip.captions import EVAL_CLASSES, TRAIN_SYNONYMS

@@ -127,6 +127,10 @@ def image_part(image: Any) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+class RefusedWithImages(Exception):
+    """The endpoint refused a request that carried images (HTTP 400 / 422), with or without the schema."""
+
+
 class JudgeEndpoint:
     """One judge endpoint: `ask(system, text, images, timeout)` -> the reply's text (or None when the reply
     has no text). Errors (HTTP, connection, timeout) raise the openai client's exceptions."""
@@ -169,7 +173,13 @@ class JudgeEndpoint:
         except self._refused:
             if not structured:
                 raise
-            reply = self._create(messages, timeout, False)     # raises again when the schema was not the cause
+            try:
+                reply = self._create(messages, timeout, False)     # raises again when the schema was not the cause
+            except self._refused as exc:
+                if images:
+                    raise RefusedWithImages(f"{type(exc).__name__} ({getattr(exc, 'status_code', '?')}); an endpoint "
+                                            "without image input needs --judge-text-only") from exc
+                raise
             if self.structured:
                 self.structured = False
                 log.warning("judge: the endpoint refuses response_format (JSON schema); asking for plain JSON "
@@ -184,5 +194,5 @@ class JudgeEndpoint:
         self._client.close()
 
 
-__all__ = ["MAX_IMAGE_SIDE", "chat_url", "base_url", "is_loopback", "check_endpoint", "image_part", "JudgeEndpoint",
-           "SCRUB"]
+__all__ = ["MAX_IMAGE_SIDE", "chat_url", "base_url", "is_loopback", "check_endpoint", "image_part", "RefusedWithImages",
+           "JudgeEndpoint", "SCRUB"]
