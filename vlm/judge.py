@@ -156,7 +156,7 @@ class JudgeReward:
             return None
         left = end - time.monotonic()
         if left <= 0:
-            return None
+            raise TimeoutError("no time left before the batch deadline")
         reply = self.endpoint.ask(system, prompt, images, timeout=min(self.timeout, left))
         return parse_scores(reply)
 

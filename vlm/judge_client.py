@@ -102,8 +102,6 @@ class _Scrub(logging.Filter):
 
 
 SCRUB = _Scrub()
-for _name in _SCRUBBED_LOGGERS:
-    logging.getLogger(_name).addFilter(SCRUB)
 
 
 def image_part(image: Any) -> dict[str, Any]:
@@ -147,6 +145,8 @@ class JudgeEndpoint:
         self.structured = self.schema is not None     # until the server refuses response_format
         key = (os.environ.get(api_key_env) or "") if api_key_env else ""
         u = urlparse(judge_url)
+        for name in _SCRUBBED_LOGGERS:             # from the first endpoint on (addFilter adds it once)
+            logging.getLogger(name).addFilter(SCRUB)
         SCRUB.secrets.update(s for s in (judge_url.rstrip("/"), chat_url(judge_url), base_url(judge_url), u.netloc,
                                          f"host={u.hostname!r}", key) if s)
         # explicit key and no organisation/project headers: nothing is read from OPENAI_* variables
