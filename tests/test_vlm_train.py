@@ -274,12 +274,17 @@ def test_grpo_with_grounding_and_judge_process_rewards(sft_run, judge_url, tmp_p
     s = json.loads((tmp_path / "proc" / "train_summary.json").read_text())
     e = next(e for e in s["log"] if "reward" in e)
     g, j = e["rewards/grounding_reward/mean"], e["rewards/judge_reward/mean"]
-    assert 0.0 <= g <= 1.0 and j == pytest.approx(0.8)                # the server's 0.6 / 1.4 -> 0.8
+    assert 0.0 <= g <= 1.0 and j == pytest.approx(0.8)                # the server's 0.6 / 1.0 -> 0.8
     assert e["reward"] == pytest.approx(0.1 * e["rewards/format_reward/mean"] + 0.9 * e["rewards/accuracy_reward/mean"]
                                         + 0.25 * g + 0.5 * j)
     assert len(JudgeHandler.requests) == 8                           # one per completion (2 prompts x 4)
-    assert "Which tissue does this tile show?\nA. normal\nB. tumor" in JudgeHandler.requests[0]["body"]["messages"][1]["content"]
+    assert "Which tissue does this tile show?\nA. normal\nB. tumor" in JudgeHandler.requests[0]["text"]
+    assert any(p.get("type") == "image_url" for p in JudgeHandler.requests[0]["body"]["messages"][1]["content"])
     assert s["settings"]["grounding"] == "pathoclip-tiny" and s["settings"]["judge_model"] == "judge-7b"
+    # the judge's URL is in no file of the run (a digest stands in for it in the settings)
+    netloc = judge_url.split("//")[1]
+    assert s["settings"]["judge_url"].startswith("sha256:")
+    assert not [f for f in (tmp_path / "proc").rglob("*") if f.is_file() and netloc.encode() in f.read_bytes()]
     # two weights: the process rewards get PROCESS_WEIGHT each; a wrong count is one readable line
     from vlm.reward_set import PROCESS_WEIGHT, reward_functions
     from vlm.train import resolve_settings
@@ -288,7 +293,9 @@ def test_grpo_with_grounding_and_judge_process_rewards(sft_run, judge_url, tmp_p
     from vlm.model import load_model
 
     processor = load_model(d / "sft")[1]
-    funcs, ws = reward_functions("grpo", processor, st, device="cpu")
+    from vlm.data import read_jsonl
+
+    funcs, ws = reward_functions("grpo", processor, st, device="cpu", rows=read_jsonl(d / "train.jsonl", "grpo").rows)
     assert [f.__name__ for f in funcs] == ["format_reward", "accuracy_reward", "grounding_reward", "judge_reward"]
     assert ws == [0.1, 0.9, PROCESS_WEIGHT, PROCESS_WEIGHT]
     capsys.readouterr()

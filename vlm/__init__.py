@@ -5,8 +5,10 @@
 - rewards: GRPO/DAPO rewards in trl's signature: `format_reward` / `make_format_reward` (pre-filled
   `<think>` templates too), `accuracy_reward` (MCQ letter + option text, open questions by exact match /
   token F1), `combined_reward` (0.1 format + 0.9 accuracy), `parse_reward_weights`.
-- judge: PathVLM-R1's process reward through any OpenAI-compatible endpoint (`judge_reward`,
-  `make_judge_reward`), with its fallback on bad replies, timeouts and HTTP errors.
+- judge: PathVLM-R1's process reward through any OpenAI-compatible endpoint (`JudgeReward`,
+  `make_judge_reward`): the response delimited, only a reply that is exactly the score object counts,
+  the fallback on bad replies, timeouts and HTTP errors, a batch deadline and a circuit breaker;
+  judge_client: the endpoint (`JudgeEndpoint`, the openai client; key over https or to loopback only).
 - tiny (`vlm make-tiny OUT_DIR`): a 0.42M-parameter random-weight Qwen2.5-VL model folder (tokenizer trained
   offline with `tokenizers`, the real Qwen2.5-VL chat template and processors, `pathmil_defaults.json` with
   the training defaults a model this small needs; `read_defaults`).
@@ -16,8 +18,9 @@
   store (`make_data`); `read_jsonl(path, stage)` validates rows and skips bad lines by number;
   `load_image(s)` reads store references {"store", "slide", "tile"} and files.
 - grounding: the offline process reward, PathoCLIP grounding (`make_grounding_reward`, `grounding_scores`,
-  `findings`): the asserting sentences of <think> scored by PathoCLIP against the completion's image versus
-  the other images of the batch, sigmoid(logit_scale * contrastive margin) in [0, 1]; no reasoning: 0.
+  `findings`, `NegativeBank`): the asserting sentences of <think> scored by PathoCLIP against the
+  completion's image versus a fixed, seeded bank of tiles of the other classes, sigmoid(logit_scale *
+  contrastive margin) in [0, 1]; no reasoning: 0.
 - evaluate (`vlm eval --model M --data mcq.jsonl --out RESULT.json`): batched generation over MCQ / open
   rows, each scored with the training rewards (`score_completions`, `summarize`, `evaluate`): accuracy,
   format rate, mean reward and PathMMU-style per-item records.
@@ -32,7 +35,8 @@
   checkpointing / threads, resume (weights from safetensors, trainer state with weights_only), several
   processes under accelerate / torchrun (RUN_DIR written by the main process; configs in
   configs/accelerate/) (`train`, `resolve_settings`, `build_dataset`).
-- reward_set: the reward functions and weights of a grpo / dapo run (`reward_names`, `reward_functions`).
+- reward_set: the reward functions and weights of a grpo / dapo run (`reward_names`, `reward_functions`;
+  `recorded_settings`: the settings as run files hold them, the judge URL as a digest).
 - dynamic: DAPO's dynamic sampling as a GRPOTrainer subclass (`DynamicSamplingTrainer`,
   `informative_groups`, `select_rows`, `concat_batches`): zero-variance groups dropped, the batch
   refilled from the data for a bounded number of tries, counts logged per step.

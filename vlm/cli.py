@@ -44,7 +44,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
               max_completion_length=a.max_completion_length, temperature=a.temperature, beta=a.beta,
               lora=parse_lora(a.lora), freeze_vision=a.freeze_vision or None, seed=a.seed, reward_weights=weights,
               save_steps=a.save_steps, max_tries=a.max_tries, grounding=a.grounding, judge_url=a.judge_url,
-              judge_model=a.judge_model, judge_key_env=a.judge_key_env, judge_timeout=a.judge_timeout, vllm=a.vllm,
+              judge_model=a.judge_model, judge_key_env=a.judge_key_env, judge_timeout=a.judge_timeout,
+              judge_text_only=a.judge_text_only or None, vllm=a.vllm,
               device=a.device, progress=not a.quiet)
     if int(os.environ.get("RANK", "0")):
         return 0                        # under accelerate / torchrun, the main process reports
@@ -143,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--judge-key-env", default=None, help="the environment variable holding the judge's API key "
                                                          "(default: OPENAI_API_KEY; unset: no key sent)")
     r.add_argument("--judge-timeout", type=float, default=None, help="seconds per judge request (default: 30; a "
-                                                                     "timeout scores the fallback)")
+                                                                     "timeout scores the fallback; a batch ends "
+                                                                     "after 4x this)")
+    r.add_argument("--judge-text-only", action="store_true", help="send the judge the text only, not the tile "
+                                                                  "images (for endpoints without image input)")
     r.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: 50)")
     r.add_argument("--max-tries", type=int, default=None, help="dapo: generation rounds per batch for dynamic "
                                                                 "sampling (default: 4)")

@@ -54,7 +54,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 COMMON = {"grad_accum": 1, "max_steps": -1, "seed": 0, "lora": None, "freeze_vision": False,
           "reward_weights": (0.1, 0.9), "save_steps": 50, "max_tries": 4, "grounding": None, "judge_url": None,
-          "judge_model": None, "judge_key_env": "OPENAI_API_KEY", "judge_timeout": 30.0, "vllm": None}
+          "judge_model": None, "judge_key_env": "OPENAI_API_KEY", "judge_timeout": 30.0, "judge_text_only": False,
+          "vllm": None}
 VLLM_MODES = ("colocate", "server")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -279,8 +280,8 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
           reward_weights: Sequence[float] | None = None, save_steps: int | None = None,
           max_tries: int | None = None, grounding: str | Path | None = None, judge_url: str | None = None,
           judge_model: str | None = None, judge_key_env: str | None = None, judge_timeout: float | None = None,
-          vllm: str | None = None, system: str | None = SYSTEM_PROMPT, device: str = "auto",
-          progress: bool = True) -> dict[str, Any]:
+          judge_text_only: bool | None = None, vllm: str | None = None, system: str | None = SYSTEM_PROMPT,
+          device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Train one stage on a JSONL file (`data.read_jsonl(data, stage)`) from `model` (a folder or hub id)
     and write RUN_DIR `out` (module docstring). Returns the summary also written to out/train_summary.json:
     stage, settings, device, rows, steps, seconds, log (trl's log history: loss per step for caption/sft,
@@ -297,7 +298,8 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
                      reward_weights=tuple(reward_weights) if reward_weights is not None else None,
                      save_steps=save_steps, max_tries=max_tries,
                      grounding=str(grounding) if grounding is not None else None, judge_url=judge_url,
-                     judge_model=judge_model, judge_key_env=judge_key_env, judge_timeout=judge_timeout, vllm=vllm)
+                     judge_model=judge_model, judge_key_env=judge_key_env, judge_timeout=judge_timeout,
+                     judge_text_only=judge_text_only, vllm=vllm)
     s = resolve_settings(stage, model, overrides)
     out = Path(out)
     if out.is_file():
@@ -333,7 +335,7 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
         args = SFTConfig(**common, max_length=None, completion_only_loss=True, assistant_only_loss=False)
         trainer = SFTTrainer(model=net, args=args, train_dataset=dataset, processing_class=processor)
     else:
-        trainer = _grpo_trainer(stage, net, processor, dataset, s, common, system, dev["device"])
+        trainer = _grpo_trainer(stage, net, processor, dataset, s, common, system, dev["device"], rows.rows)
     _refuse_zero3(trainer)
     _bar_not_lines(trainer, progress)
     try:
@@ -345,10 +347,12 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
         raise VlmError(f"{resume}: a checkpoint file holds more than tensors and was not read ({why}); "
                        f"delete {resume} to resume from an earlier checkpoint or start over") from exc
     seconds = time.perf_counter() - t0
+    from .reward_set import recorded_settings
+
     summary = _save_run(trainer, processor, model, out, s)
     summary.update({"stage": stage, "model": str(model), "data": str(data), "rows": len(rows),
                     "dropped_lines": [list(d) for d in rows.dropped],
-                    "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()},
+                    "settings": recorded_settings(s),
                     "device": dev, "resumed_from": resume, "steps": int(trainer.state.global_step),
                     "seconds": round(seconds, 2), "torch": torch.__version__, "log": trainer.state.log_history})
     if trainer.is_world_process_zero():
@@ -358,12 +362,13 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
 
 
 def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping[str, Any],
-                  common: Mapping[str, Any], system: str | None, device: str):
+                  common: Mapping[str, Any], system: str | None, device: str,
+                  rows: Sequence[Mapping[str, Any]] | None = None):
     from trl import GRPOConfig, GRPOTrainer
 
     from .reward_set import reward_functions
 
-    funcs, weights = reward_functions(stage, processor, s, system, device)
+    funcs, weights = reward_functions(stage, processor, s, system, device, rows)
     kw = dict(num_generations=int(s["num_generations"]), max_completion_length=int(s["max_completion_length"]),
               temperature=float(s["temperature"]), beta=float(s["beta"]), reward_weights=weights,
               top_k=0, top_p=1.0, log_completions=False)
