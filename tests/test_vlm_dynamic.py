@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO, make_store
 
@@ -36,8 +35,8 @@ def write_rows(d: Path, n: int) -> list[dict]:
 
 class Scripted:
     """A reward function named `name`: tiles with an odd number get 0, 1, 0, 1 over their group (signal),
-    the others (all with `signal` False) `flat` for every completion (none); `vary` adds 0.1 * (row % 2) to every row. Records each
-    call's tile numbers and completion lengths."""
+    the others (all with `signal` False) `flat` for every completion (none); `vary` adds 0.1 * (row % 2) to
+    every row. Records each call's tile numbers and completion lengths."""
 
     def __init__(self, name: str, flat: float = 1.0, vary: bool = False, signal: bool = True):
         self.__name__, self.flat, self.vary, self.signal, self.calls = name, flat, vary, signal, []
@@ -198,3 +197,56 @@ def test_trl_internals_and_pin():
     with pytest.raises(VlmError, match=r"GRPOTrainer._generate\('self', 'prompts', 'images'\) changed from "
                                        r"\('self', 'prompts'\).*trl>=1.16,<1.17"):
         check_trl_internals(Changed)
+
+
+_TWO_PROCESS_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+from pathlib import Path
+from test_vlm_dynamic import Scripted, make_trainer, write_rows
+model, d, out = (Path(a) for a in sys.argv[2:5])
+acc = Scripted("accuracy_reward")
+t = make_trainer(model, d, json.loads((d / "rows.json").read_text()), [acc], max_tries=3, output_dir=str(out))
+t.train()
+rank = int(os.environ["RANK"])
+table = [p[-1]["content"][-1]["text"] for p in t._logs["prompt"]]
+(out / f"rank{rank}.json").write_text(json.dumps({"calls": acc.calls, "log": t.state.log_history, "table": table}))
+"""
+
+
+def test_two_processes_log_each_metric_once_over_every_processs_kept_rows(tiny_vlm, tmp_path):
+    """Two gloo processes, one step, eight prompts (odd tiles carry signal), up to three tries: the logged
+    counts are the sums over both processes, the reward and completion lengths are those of both
+    processes' kept rows, the completions table holds exactly those rows, and no prompt is generated twice
+    in the step on either process (refills are split between processes without overlap)."""
+    rows = write_rows(tmp_path, 8)
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                        str(Path(__file__).parent), str(tiny_vlm), str(tmp_path), str(out)],
+                       capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    want, kept, dropped, filled, tries = 2, [], 0, 0, set()
+    seen = []
+    for rank in ranks:
+        groups = [call[i:i + G] for call in rank["calls"] for i in range(0, len(call), G)]
+        seen += [g[0][0] for g in groups]
+        mine = [g for g in groups if g[0][0] % 2][:want]
+        kept += mine
+        dropped += sum(g[0][0] % 2 == 0 for g in groups)
+        filled += want - len(mine)
+        tries.add(len(rank["calls"]))
+    assert len(tries) == 1                                      # the same tries on every process
+    (e,) = [e for e in ranks[0]["log"] if "dynamic_sampling/tries" in e]
+    assert e["dynamic_sampling/tries"] == tries.pop() and e["dynamic_sampling/dropped_groups"] == dropped
+    assert e["dynamic_sampling/kept_groups"] == len(kept) >= 1 and e["dynamic_sampling/filled_groups"] == filled
+    assert e["reward"] == pytest.approx(0.5)
+    assert e["completions/mean_length"] == pytest.approx(np.mean([n for g in kept for _, n in g]))
+    assert sorted(tile_of(q) for q in ranks[0]["table"]) == sorted(t for g in kept for t, _ in g)
+    assert len(seen) == len(set(seen))                          # no prompt twice in the step

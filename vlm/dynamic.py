@@ -140,7 +140,8 @@ def _trainer_class():
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             if self.args.should_save:
-                folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+                step = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                folder = os.path.join(self._get_output_dir(trial=trial), step)
                 atomic_write_json(os.path.join(folder, STATE_FILE), {"refill_order": self._refills.state_dict()})
 
         def _load_optimizer_and_scheduler(self, checkpoint):
@@ -262,7 +263,7 @@ def _trainer_class():
                 parts.append(select_rows({**pool, "num_items_in_batch": None}, list(range(n_fill * G))))
                 stat_parts.append(torch.cat(filler_stats)[:n_fill * G])
             batch = concat_batches(parts, self._tokenizer.pad_token_id)
-            mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+            mask = batch["completion_mask"] * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"]
             batch["num_items_in_batch"] = acc.gather(mask.sum()).sum()
             stats = torch.cat(stat_parts)
             stats = torch.cat([stats, torch.zeros(len(stats), 1, dtype=stats.dtype)], dim=1)
@@ -292,7 +293,8 @@ def _trainer_class():
             kept = stats[stats[:, F + STAT_COLUMNS.index("kept")] > 0.5]
             self.state.num_input_tokens_seen = tokens_before + int((kept[:, F] + kept[:, F + 1]).sum().item())
             metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-            n_kept, n_dropped, n_filled = acc.gather(torch.tensor(counts, device=acc.device)).view(-1, 3).sum(0).tolist()
+            summed = acc.gather(torch.tensor(counts, device=acc.device)).view(-1, 3).sum(0)
+            n_kept, n_dropped, n_filled = summed.tolist()
             metrics["dynamic_sampling/kept_groups"].append(float(n_kept))
             metrics["dynamic_sampling/dropped_groups"].append(float(n_dropped))
             metrics["dynamic_sampling/filled_groups"].append(float(n_filled))
