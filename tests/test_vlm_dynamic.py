@@ -250,3 +250,26 @@ def test_two_processes_log_each_metric_once_over_every_processs_kept_rows(tiny_v
     assert e["completions/mean_length"] == pytest.approx(np.mean([n for g in kept for _, n in g]))
     assert sorted(tile_of(q) for q in ranks[0]["table"]) == sorted(t for g in kept for t, _ in g)
     assert len(seen) == len(set(seen))                          # no prompt twice in the step
+
+
+def test_cli_filter_on_reaches_the_run(tiny_vlm, data, tmp_path, capsys):
+    """`vlm train --stage dapo --filter-on total` records the filter in the run's settings (default:
+    accuracy); a step that kept no group logs reward None and the report still prints; a wrong value is one
+    argparse line."""
+    from vlm.cli import main
+
+    d, rows = data
+    (d / "mcq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["-q", "train", "--stage", "dapo", "--data", str(d / "mcq.jsonl"), "--model", str(tiny_vlm),
+            "--max-steps", "1", "--max-completion-length", "4", "--max-tries", "1"]
+    assert main([*base, "--out", str(tmp_path / "total"), "--filter-on", "total"]) == 0
+    assert "dapo: 1 steps" in capsys.readouterr().out
+    s = json.loads((tmp_path / "total" / "train_summary.json").read_text())
+    assert s["settings"]["filter_on"] == "total"
+    (e,) = [e for e in s["log"] if "dynamic_sampling/tries" in e]
+    assert e["dynamic_sampling/kept_groups"] + e["dynamic_sampling/filled_groups"] == 2
+    if e["dynamic_sampling/kept_groups"] == 0:
+        assert e["reward"] is None
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--out", str(tmp_path / "x"), "--filter-on", "format"])
+    assert exit_.value.code == 2 and "--filter-on: invalid choice: 'format'" in capsys.readouterr().err

@@ -217,8 +217,7 @@ def _trainer_class():
             marks = {k: len(v) for k, v in metrics.items()}
             tokens_before = self.state.num_input_tokens_seen
             self._take_logs()           # the table shows this step's kept rows only (trl: the latest batch)
-            local_keys = [prompt_key(x) for x in inputs[::G]]
-            used = set(gather_object(local_keys) if acc.num_processes > 1 else local_keys)
+            used: set[str] | None = None        # the step's prompts, made at the first refill
             kept, filler, kept_stats, filler_stats, kept_logs = [], [], [], [], []
             n_kept = n_dropped = n_filler = tries = 0
             batch_inputs = inputs
@@ -247,6 +246,9 @@ def _trainer_class():
                 missing = torch.tensor([want - n_kept], device=acc.device)
                 if acc.gather(missing).max().item() <= 0 or tries >= self.max_tries:
                     break
+                if used is None:            # every process gets here together: the decision above is shared
+                    local_keys = [prompt_key(x) for x in inputs[::G]]
+                    used = set(gather_object(local_keys) if acc.num_processes > 1 else local_keys)
                 refill = self._refill_inputs(want, used)
                 if refill is None:
                     log.info("dynamic sampling: the training set has no more prompts for this batch")
