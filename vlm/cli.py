@@ -43,14 +43,14 @@ def _cmd_train(a: argparse.Namespace) -> int:
               batch_size=a.batch_size, grad_accum=a.grad_accum, num_generations=a.num_generations,
               max_completion_length=a.max_completion_length, temperature=a.temperature, beta=a.beta,
               lora=parse_lora(a.lora), freeze_vision=a.freeze_vision or None, seed=a.seed, reward_weights=weights,
-              save_steps=a.save_steps, max_tries=a.max_tries, grounding=a.grounding, judge_url=a.judge_url,
-              judge_model=a.judge_model, judge_key_env=a.judge_key_env, judge_timeout=a.judge_timeout,
-              judge_text_only=a.judge_text_only or None, vllm=a.vllm,
+              save_steps=a.save_steps, max_tries=a.max_tries, filter_on=a.filter_on, grounding=a.grounding,
+              judge_url=a.judge_url, judge_model=a.judge_model, judge_key_env=a.judge_key_env,
+              judge_timeout=a.judge_timeout, judge_text_only=a.judge_text_only or None, vllm=a.vllm,
               device=a.device, progress=not a.quiet)
     if int(os.environ.get("RANK", "0")):
         return 0                        # under accelerate / torchrun, the main process reports
     losses = [e["loss"] for e in s["log"] if "loss" in e]
-    rewards = [e["reward"] for e in s["log"] if "reward" in e]
+    rewards = [e["reward"] for e in s["log"] if e.get("reward") is not None]   # None: no group kept (dapo)
     what = (f"reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no steps")
     print(f"{a.stage}: {s['steps']} steps in {s['seconds']:.1f} s ({what}); model folder {a.out}")
@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: 50)")
     r.add_argument("--max-tries", type=int, default=None, help="dapo: generation rounds per batch for dynamic "
                                                                 "sampling (default: 4)")
+    r.add_argument("--filter-on", default=None, choices=("accuracy", "total"),
+                   help="dapo: drop the groups whose accuracy rewards all agree (accuracy, DAPO's rule; default) or "
+                        "whose weighted total rewards all agree (total)")
     r.add_argument("--vllm", default=None, choices=("colocate", "server"),
                    help="grpo/dapo on a GPU: generate with vLLM (trl's use_vllm; colocate shares this process's GPU, "
                         "server needs `trl vllm-serve`)")

@@ -53,9 +53,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "temperature": 1.0, "epochs": 1},
 }
 COMMON = {"grad_accum": 1, "max_steps": -1, "seed": 0, "lora": None, "freeze_vision": False,
-          "reward_weights": (0.1, 0.9), "save_steps": 50, "max_tries": 4, "grounding": None, "judge_url": None,
-          "judge_model": None, "judge_key_env": "OPENAI_API_KEY", "judge_timeout": 30.0, "judge_text_only": False,
-          "vllm": None}
+          "reward_weights": (0.1, 0.9), "save_steps": 50, "max_tries": 4, "filter_on": "accuracy",
+          "grounding": None, "judge_url": None, "judge_model": None, "judge_key_env": "OPENAI_API_KEY",
+          "judge_timeout": 30.0, "judge_text_only": False, "vllm": None}
 VLLM_MODES = ("colocate", "server")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -278,7 +278,8 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
           max_completion_length: int | None = None, temperature: float | None = None, beta: float | None = None,
           lora: tuple[int, int] | None = None, freeze_vision: bool | None = None, seed: int | None = None,
           reward_weights: Sequence[float] | None = None, save_steps: int | None = None,
-          max_tries: int | None = None, grounding: str | Path | None = None, judge_url: str | None = None,
+          max_tries: int | None = None, filter_on: str | None = None, grounding: str | Path | None = None,
+          judge_url: str | None = None,
           judge_model: str | None = None, judge_key_env: str | None = None, judge_timeout: float | None = None,
           judge_text_only: bool | None = None, vllm: str | None = None, system: str | None = SYSTEM_PROMPT,
           device: str = "auto", progress: bool = True) -> dict[str, Any]:
@@ -296,7 +297,7 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
                      num_generations=num_generations, max_completion_length=max_completion_length,
                      temperature=temperature, beta=beta, lora=lora, freeze_vision=freeze_vision, seed=seed,
                      reward_weights=tuple(reward_weights) if reward_weights is not None else None,
-                     save_steps=save_steps, max_tries=max_tries,
+                     save_steps=save_steps, max_tries=max_tries, filter_on=filter_on,
                      grounding=str(grounding) if grounding is not None else None, judge_url=judge_url,
                      judge_model=judge_model, judge_key_env=judge_key_env, judge_timeout=judge_timeout,
                      judge_text_only=judge_text_only, vllm=vllm)
@@ -380,7 +381,7 @@ def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping
 
         args = GRPOConfig(**common, **kw, loss_type="dapo", epsilon_high=0.28, mask_truncated_completions=True)
         return DynamicSamplingTrainer(model=net, args=args, train_dataset=dataset, processing_class=processor,
-                                      reward_funcs=funcs, max_tries=int(s["max_tries"]))
+                                      reward_funcs=funcs, max_tries=int(s["max_tries"]), filter_on=s["filter_on"])
     args = GRPOConfig(**common, **kw, loss_type="grpo")
     return GRPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=processor, reward_funcs=funcs)
 
