@@ -62,7 +62,7 @@ def clip_stage(store: Path, labels_csv: Path, out: Path, seed: int = 0, progress
         pb = probe(target, store, "tumor", shots=[8], train_slides=train, test_slides=test, progress=False)
         seed_everything(seed)
         enc = load_model(target)
-        zs = zeroshot(enc, store, classes, templates, slides=test, labels="tumor", progress=False)
+        zs = zeroshot(enc, store, classes, templates, slides=test, labels="tumor", positive="tumor", progress=False)
         rt = retrieve(enc, test_caps, store=store, progress=False)
         rows.append({"model": f"{model} ({name})", "zeroshot_balanced_accuracy": zs["metrics"]["balanced_accuracy"],
                      "zeroshot_auc": zs["metrics"].get("auc"),
