@@ -85,3 +85,24 @@ def test_one_label_mapping_for_captions_and_zeroshot(tmp_path):
         captions_from_labels(st, "k", tmp_path / "c.csv")
     tiles, _, _ = tiles_by_class(st, "k", 3)
     assert tiles == [[("a", 0)], [("a", 1)], [("a", 2)]]
+
+
+def test_split_by_label_stratifies_and_keeps_patients_whole(tmp_path):
+    from wsi.splits import read_slide_labels, split_by_label
+
+    p = tmp_path / "labels.csv"
+    with open(p, "w", newline="") as f:   # 8 patients with a tumour and a normal slide, 8 with one normal slide
+        w = csv.writer(f)
+        w.writerow(["slide_id", "label", "patient_id"])
+        w.writerows([(f"t{i}", "tumor", f"p{i}") for i in range(8)] + [(f"n{i}", "normal", f"p{i}") for i in range(16)])
+    labels, patients = read_slide_labels(p), read_patients(p)
+    for seed in range(8):
+        train, test = split_by_label(labels, 0.25, seed, patients=patients)
+        assert sorted(train + test) == sorted(labels) and train == sorted(train)
+        assert not {patients[s] for s in train} & {patients[s] for s in test}
+        held = {patients[s] for s in test}
+        assert sum(f"t{int(q[1:])}" in labels and int(q[1:]) < 8 for q in held) == 2   # 2 of the 8 mixed patients
+        assert len(held) == 4                                                          # and 2 of the 8 others
+    one = {f"s{i}": "ab"[i % 2] for i in range(10)}                                    # one slide per patient
+    train, test = split_by_label(one, 0.4, 3)
+    assert sorted(one[s] for s in test) == ["a", "a", "b", "b"]

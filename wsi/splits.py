@@ -1,8 +1,9 @@
 """Splits that keep a patient's (else a slide's) tiles and slides on one side, for every package.
 
 `mil` makes patient-level stratified folds of a cohort with `stratified_folds` and `stratified_pick`;
-`clip` (the validation split of `clip train`, the probe's held-out slides) and the demo's slide
-splits use `split_groups`. The group of a slide is its patient where a labels CSV says
+`clip` (the validation split of `clip train`, the probe's held-out slides) uses `split_groups`; the
+held-out slides of a labelled cohort (the demo's PathoCLIP and reasoner stages) come from
+`split_by_label`. The group of a slide is its patient where a labels CSV says
 (`read_patients`: `slide_id,...,patient_id`), else the slide itself, so two slides of one patient
 never sit on both sides. The splitters are scikit-learn's (`GroupShuffleSplit`, `StratifiedKFold`
 over one row per group).
@@ -38,6 +39,51 @@ def read_patients(labels_csv: str | Path) -> dict[str, str]:
         if s:
             out[s] = ((r.get(pid) or "").strip() if pid else "") or s
     return out
+
+
+def read_slide_labels(labels_csv: str | Path) -> dict[str, str]:
+    """{slide_id: label} of a labels CSV (`slide_id,label[,patient_id][,split]`)."""
+    path = Path(labels_csv)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabelsError(f"{path}: cannot read the labels CSV ({type(e).__name__}); give a CSV with columns "
+                          "slide_id,label[,patient_id]") from None
+    cols = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
+    if "slide_id" not in cols or "label" not in cols:
+        raise LabelsError(f"{path}: needs slide_id and label columns; give a CSV with columns "
+                          "slide_id,label[,patient_id]")
+    return {r[cols["slide_id"]].strip(): (r[cols["label"]] or "").strip() for r in rows
+            if (r[cols["slide_id"]] or "").strip()}
+
+
+def split_by_label(labels: Mapping[str, str], test_fraction: float, seed: int = 0, *,
+                   patients: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """(train, test) slide ids, each sorted, stratified by label and whole patients on one side.
+
+    A patient's stratum is the set of its slides' labels; in each stratum (in sorted order) the
+    patients, sorted, are shuffled by one `np.random.default_rng(seed)` and max(1, round(n *
+    test_fraction)) of them held out (at most n - 1; a stratum of one patient stays in training).
+    With one slide per patient this is a plain per-label shuffle split of the slides."""
+    if not 0 < test_fraction < 1:
+        raise LabelsError(f"a held-out fraction must be in (0, 1), got {test_fraction}")
+    owner = {s: (patients or {}).get(s, s) for s in labels}
+    sets: dict[str, set[str]] = {}
+    for s, p in owner.items():
+        sets.setdefault(p, set()).add(labels[s])
+    strata: dict[str, list[str]] = {}
+    for p, labs in sets.items():
+        strata.setdefault("+".join(sorted(labs)), []).append(p)
+    rng = np.random.default_rng(seed)
+    held: set[str] = set()
+    for key in sorted(strata):
+        pats = sorted(strata[key])
+        rng.shuffle(pats)
+        k = min(len(pats) - 1, max(1, int(round(len(pats) * test_fraction))))
+        held.update(pats[:k])
+    test = sorted(s for s in labels if owner[s] in held)
+    return sorted(s for s in labels if owner[s] not in held), test
 
 
 def split_groups(groups: Sequence[str], test_fraction: float, seed: int = 0, *,
