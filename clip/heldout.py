@@ -1,7 +1,9 @@
 """The slides a `clip train` run learned from, left out of its evaluations.
 
 A RUN_DIR's config.json records the slides of its captions ("data": {"slides": [...]}, training and
-validation both: validation chose the best epoch, so it is not held out either). Zero-shot, retrieval
+validation both: validation chose the best epoch, so it is not held out either); for a run trained
+from shards they are read from the shards' per-sample records, for an older run from its captions
+CSV. Zero-shot, retrieval
 and the probe of a run leave those slides out by default; `include_training=True`
 (`--include-training-slides`) keeps them. The result file says which slides were left out
 ("data": {"training_slides": {"run", "excluded", "included"}}).
@@ -13,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from wsi.errors import RunError
+from wsi.errors import PathmilError, RunError
 
 from .checkpoint import CONFIG
 
@@ -47,6 +49,32 @@ def _slides_of_captions(source: str) -> list[str] | None:
         return None
 
 
+def _slides_of_shards(source: str) -> list[str] | None:
+    """The slide ids in the per-sample .json records of local shards (`clip shards` writes them); only
+    the small .json members are read (tarfile seeks past the images). None when a shard is remote or
+    a sample has no slide id."""
+    import tarfile
+
+    from .shards import shard_urls
+
+    try:
+        urls = shard_urls(source)
+    except PathmilError:
+        return None
+    slides: set[str] = set()
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            return None
+        with tarfile.open(url, mode="r:") as tar:
+            for m in tar:
+                if m.isfile() and m.name.endswith(".json"):
+                    sid = json.loads(tar.extractfile(m).read()).get("slide_id")
+                    if not sid:
+                        return None
+                    slides.add(str(sid))
+    return sorted(slides)
+
+
 def training_slides(run_dir: str | Path) -> list[str]:
     """The slides RUN_DIR was trained (and validated) on, from its config.json; RunError (one line) when
     the run does not record them."""
@@ -57,11 +85,15 @@ def training_slides(run_dir: str | Path) -> list[str]:
         raise RunError(f"{path}: cannot read the run's record ({type(e).__name__}); evaluate another run or pass "
                        "--include-training-slides") from None
     slides = data.get("slides")
-    if slides is None and data.get("source") and Path(data["source"]).is_file():
-        slides = _slides_of_captions(data["source"])
+    source = data.get("source")
+    if slides is None and source and Path(source).is_file() and not source.endswith(".tar"):
+        slides = _slides_of_captions(source)
+    elif slides is None and source:
+        slides = _slides_of_shards(source)
     if slides is None:
-        raise RunError(f"{path}: the run does not record which slides it was trained on (trained from shards or "
-                       "image files); pass --slides with held-out slides, or --include-training-slides")
+        raise RunError(f"{path}: the run does not record which slides it was trained on (its captions or shards "
+                       "are gone, or name no slide_id); pass --include-training-slides if you know the slides you "
+                       "evaluate on are held out")
     return sorted(str(s) for s in slides)
 
 

@@ -157,3 +157,26 @@ def test_probe_cache_follows_the_weights_file(tmp_path):
     assert two["model"]["digest"] == load_model("pathoclip-tiny", pretrained=str(files[1])).digest()
     again = probe("pathoclip-tiny", st.path, "y", pretrained=str(files[0]), **kw)
     assert again["model"] == one["model"] and again["metrics"] == one["metrics"]
+
+
+def test_training_slides_of_a_run_trained_from_shards(run, tmp_path):
+    """A shards run records no slide list ("slides": null): its slides come from the shards' records."""
+    from clip.heldout import leave_out_training, training_slides
+    from clip.shards import write_shards
+    from wsi.errors import RunError
+
+    store, caps, _ = run
+    two = tmp_path / "two.csv"
+    rows = list(csv.reader(open(caps)))
+    with open(two, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if r[0] in ("s1", "s2")])
+    write_shards(read_captions(two, store=store), tmp_path / "shards", per_shard=10)
+    fake = tmp_path / "shard_run"
+    fake.mkdir()
+    (fake / "config.json").write_text(json.dumps({"data": {"source": str(tmp_path / "shards"), "slides": None}}))
+    assert training_slides(fake) == ["s1", "s2"]
+    kept, held = leave_out_training(f"pathoclip:{fake}", ["s0", "s1", "s2", "s3"])
+    assert kept == ["s0", "s3"] and held["excluded"] == ["s1", "s2"]
+    (fake / "config.json").write_text(json.dumps({"data": {"source": str(tmp_path / "gone"), "slides": None}}))
+    with pytest.raises(RunError, match="does not record which slides.*--include-training-slides"):
+        training_slides(fake)
