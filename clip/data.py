@@ -1,5 +1,5 @@
-"""PathoCLIP's training pairs: captions of store tiles or of image files (a CSV), a split by slide, and
-`PairDataset`, (image, caption) items for a DataLoader.
+"""PathoCLIP's training pairs: captions of store tiles or of image files (a CSV), a split by slide (by
+patient with a patient_id column), and `PairDataset`, (image, caption) items for a DataLoader.
 
 Captions CSV (comma- or tab-separated, one caption per row; several rows may caption one image):
 
@@ -9,8 +9,8 @@ Captions CSV (comma- or tab-separated, one caption per row; several rows may cap
     filepath,title                   open_clip's --csv-img-key / --csv-caption-key defaults work too
 
 An optional patient_id column names each slide's patient: the validation split then keeps a
-patient's slides on one side. Bad rows (slide not in the store, tile out of range, x,y not a stored tile, empty caption, image file
-missing or unreadable) are skipped and listed with their line numbers (`Captions.summary()`).
+patient's slides on one side. Bad rows (slide not in the store, tile out of range, x,y not a stored
+tile, empty caption, image file missing or unreadable) are skipped and listed with their line numbers (`Captions.summary()`).
 """
 from __future__ import annotations
 
