@@ -10,7 +10,8 @@ Captions CSV (comma- or tab-separated, one caption per row; several rows may cap
 
 An optional patient_id column names each slide's patient: the validation split then keeps a
 patient's slides on one side. Bad rows (slide not in the store, tile out of range, x,y not a stored
-tile, empty caption, image file missing or unreadable) are skipped and listed with their line numbers (`Captions.summary()`).
+tile, empty caption, image file missing or unreadable) are skipped and listed with their line
+numbers (`Captions.summary()`).
 """
 from __future__ import annotations
 
