@@ -106,3 +106,24 @@ def test_split_by_label_stratifies_and_keeps_patients_whole(tmp_path):
     one = {f"s{i}": "ab"[i % 2] for i in range(10)}                                    # one slide per patient
     train, test = split_by_label(one, 0.4, 3)
     assert sorted(one[s] for s in test) == ["a", "a", "b", "b"]
+
+
+def test_cli_patients_option_for_captions_and_probe(tmp_path):
+    import json
+
+    from clip.cli import main
+
+    st = make_store(tmp_path / "s.zarr", {s: 4 for s in SLIDES}, tiles=True, tile_size=32,
+                    labels={"y": {s: (np.arange(4) % 2).astype(np.float32) for s in SLIDES}})
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label,patient_id\n" + "".join(f"{s},x,{p}\n" for s, p in PATIENTS.items()))
+    out = tmp_path / "caps.csv"
+    assert main(["-q", "captions", str(st.path), "--labels", "y", "--out", str(out), "--patients", str(labels)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert rows and all(r["patient_id"] == PATIENTS[r["slide_id"]] for r in rows)
+    res = tmp_path / "probe.json"
+    assert main(["-q", "probe", "--model", "pathoclip-tiny", "--store", str(st.path), "--labels", "y", "--shots", "2",
+                 "--patients", str(labels), "--device", "cpu", "--out", str(res)]) == 0
+    data = json.loads(res.read_text())["data"]
+    assert not {PATIENTS[s] for s in data["train_slides"]} & {PATIENTS[s] for s in data["test_slides"]}
+    assert json.loads(res.read_text())["config"]["by_patient"] is True
