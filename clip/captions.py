@@ -6,8 +6,8 @@ training templates) and `EVAL_CLASSES` (phrases not used in training) are what z
 with (`write_classes_json` writes them as the CLASSES.json of `clip zeroshot`), so a zero-shot number
 says whether the model learned the concept, not the training sentences.
 
-A binary label (two classes) is positive when > 0.5: the LAST class is the positive one (default
-["normal", "tumor"]); with more classes the labels must be integer class indices. NaN = unlabelled.
+Labels map to classes as `wsi.tile_classes` says: a binary fraction is positive when > 0.5, the LAST
+class being the positive one (default ["normal", "tumor"]); class indices otherwise. NaN = unlabelled.
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from wsi.errors import LabelsError
 from wsi.runtime import atomic_write_json, atomic_write_text
 from wsi.store import TileStore
+from wsi.tile_classes import tiles_by_class
 
 from .data import CaptionsError
 
@@ -59,70 +61,29 @@ EVAL_CLASSES: dict[str, tuple[str, ...]] = {
 def write_classes_json(path: str | Path, classes: Mapping[str, Sequence[str]] | None = None,
                        templates: Sequence[str] | None = None) -> Path:
     """CLASSES.json for `clip zeroshot`: {"classes": {name: [synonyms]}, "templates": [...]}, by default
-    the evaluation prompts (EVAL_CLASSES, EVAL_TEMPLATES); the last class is the positive one."""
+    the evaluation prompts (EVAL_CLASSES, EVAL_TEMPLATES); of two classes, the last is named "positive"
+    (what a fraction label > 0.5 is)."""
     classes = EVAL_CLASSES if classes is None else classes
     obj = {"classes": {k: list(v) for k, v in classes.items()},
            "templates": list(EVAL_TEMPLATES if templates is None else templates)}
+    if len(classes) == 2:
+        obj["positive"] = list(classes)[-1]
     return atomic_write_json(path, obj)
-
-
-def _class_of(values: np.ndarray, n_classes: int, where: str) -> np.ndarray:
-    """Per-tile class index (-1 = unlabelled) from float labels."""
-    out = np.full(len(values), -1, np.int64)
-    ok = ~np.isnan(values)
-    if n_classes == 2:
-        out[ok] = (values[ok] > 0.5).astype(np.int64)
-        return out
-    v = values[ok]
-    if np.any((v != np.round(v)) | (v < 0) | (v >= n_classes)):
-        raise CaptionsError(f"{where}: labels are not class indices 0..{n_classes - 1}, as {n_classes} classes need; "
-                            "give two classes for a binary (fraction) label")
-    out[ok] = v.astype(np.int64)
-    return out
-
-
-def tiles_by_class(store: TileStore, labels_name: str, n_classes: int, slides: Sequence[str] | None = None
-                   ) -> tuple[list[list[tuple[str, int]]], dict[str, str], int]:
-    """Per class (index k), the (slide_id, tile) of every tile whose label is class k; the slides
-    skipped with why (no pixels, no labels); how many tiles are unlabelled (NaN). Raises when no tile
-    is labelled. Shared by the captions and the reasoner's MCQs (`vlm data`)."""
-    st = store
-    ids = list(slides) if slides is not None else st.complete_ids()
-    missing = [s for s in ids if s not in st.slide_ids()]
-    if missing:
-        raise CaptionsError(f"{st.path}: no slide {missing[0]!r} in the store (see `wsi info {st.path}`)")
-    tiles: list[list[tuple[str, int]]] = [[] for _ in range(n_classes)]
-    skipped: dict[str, str] = {}
-    unlabelled = 0
-    for sid in ids:
-        view = st[sid]
-        values = view.labels(labels_name)
-        if view.meta.features_only:
-            skipped[sid] = "no pixels (a features-only import)"
-        elif values is None:
-            skipped[sid] = f"no labels {labels_name!r}"
-        else:
-            cls = _class_of(values, n_classes, f"{st.path}: labels {labels_name!r} of slide {sid!r}")
-            unlabelled += int(np.sum(cls < 0))
-            for k in range(n_classes):
-                tiles[k].extend((sid, int(i)) for i in np.flatnonzero(cls == k))
-    if not any(tiles):
-        raise CaptionsError(f"{st.path}: no tile has labels {labels_name!r} ({len(skipped)} slides without); "
-                            f"make them with `wsi labels {st.path} --name {labels_name}`")
-    return tiles, skipped, unlabelled
 
 
 def captions_from_labels(store: TileStore | str | Path, labels_name: str, out_csv: str | Path,
                          classes: Sequence[str] | None = None, templates: Sequence[str] | None = None,
                          synonyms: Mapping[str, Sequence[str]] | None = None, seed: int = 0, per_tile: int = 1,
-                         slides: Sequence[str] | None = None, balance_classes: bool = False) -> dict:
-    """Write `out_csv` (slide_id,tile,caption): `per_tile` captions for each labelled tile of `slides`
+                         slides: Sequence[str] | None = None, balance_classes: bool = False,
+                         patients: Mapping[str, str] | None = None) -> dict:
+    """Write `out_csv` (slide_id,tile,caption[,patient_id]): `per_tile` captions for each labelled tile of `slides`
     (default: every complete slide with pixels), each "template.format(synonym)" of the tile's class.
 
     The captions are balanced: per class, the template x synonym combinations are dealt out in turn
     (in a seeded order, to tiles in a seeded order), so every combination is used equally often (+-1)
     and a tile's `per_tile` captions differ. `balance_classes` also draws as many tiles of each class as
-    the rarest class has. Returns a summary: rows, tiles, per-class tile counts, skipped slides."""
+    the rarest class has. `patients` ({slide_id: patient_id}, `wsi.splits.read_patients`) adds a
+    patient_id column, so `clip train` splits by patient. Returns a summary: rows, tiles, per-class tile counts, skipped slides."""
     st = store if isinstance(store, TileStore) else TileStore.open(store, readonly=True)
     classes = list(classes or DEFAULT_CLASSES)
     templates = list(templates or TRAIN_TEMPLATES)
@@ -138,7 +99,10 @@ def captions_from_labels(store: TileStore | str | Path, labels_name: str, out_cs
         raise CaptionsError(f"per_tile {per_tile}: give 1..{min(len(v) for v in combos.values())} (the number of "
                             "templates x synonyms of the class with the fewest)")
     ids = list(slides) if slides is not None else st.complete_ids()
-    tiles, skipped, unlabelled = tiles_by_class(st, labels_name, len(classes), ids)
+    try:
+        tiles, skipped, unlabelled = tiles_by_class(st, labels_name, len(classes), ids)
+    except LabelsError as e:
+        raise CaptionsError(str(e)) from None
     rng = np.random.default_rng(seed)
     if balance_classes:
         n_min = min(len(t) for t in tiles)
@@ -153,8 +117,12 @@ def captions_from_labels(store: TileStore | str | Path, labels_name: str, out_cs
     rows.sort(key=lambda r: (order[r[0]], r[1]))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["slide_id", "tile", "caption"])
-    w.writerows(rows)
+    if patients is None:
+        w.writerow(["slide_id", "tile", "caption"])
+        w.writerows(rows)
+    else:
+        w.writerow(["slide_id", "tile", "caption", "patient_id"])
+        w.writerows((*r, patients.get(r[0], r[0])) for r in rows)
     atomic_write_text(out_csv, buf.getvalue())
     return {"out": str(out_csv), "labels": labels_name, "rows": len(rows), "tiles": sum(len(t) for t in tiles),
             "slides": len({r[0] for r in rows}), "per_tile": per_tile, "classes": classes,

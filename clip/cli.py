@@ -38,6 +38,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _held_out_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-training-slides", action="store_true",
+                   help="also score the slides a RUN_DIR was trained on (left out by default; the result file "
+                        "lists them under data.training_slides)")
+
+
 def _load(a):
     from .models import load_model
 
@@ -61,11 +67,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_zeroshot(a: argparse.Namespace) -> int:
-    from .zeroshot import read_classes, zeroshot
+    from .zeroshot import read_classes, read_positive, zeroshot
 
     classes, templates = read_classes(a.classes)
     res = zeroshot(_load(a), a.store, classes, templates, slides=a.slides, labels=a.labels, run=a.name,
-                   batch_size=a.batch_size, device=a.device)
+                   batch_size=a.batch_size, device=a.device, positive=read_positive(a.classes),
+                   classes_file=a.classes, overwrite=a.overwrite, include_training=a.include_training_slides)
     _report(a, "zeroshot", res)
     return 0
 
@@ -75,17 +82,21 @@ def _cmd_retrieve(a: argparse.Namespace) -> int:
     from .retrieval import retrieve
 
     caps = read_captions(a.captions, store=a.store)
-    res = retrieve(_load(a), caps, store=a.store, batch_size=a.batch_size, device=a.device)
+    res = retrieve(_load(a), caps, store=a.store, batch_size=a.batch_size, device=a.device,
+                   include_training=a.include_training_slides)
     _report(a, "retrieval", res)
     return 0
 
 
 def _cmd_probe(a: argparse.Namespace) -> int:
+    from wsi.splits import read_patients
+
     from .probe import probe
 
     shots = [int(s) for s in a.shots.split(",")]
     res = probe(a.model, a.store, a.labels, shots=shots, pretrained=a.pretrained, batch_size=a.batch_size,
-                device=a.device)
+                device=a.device, patients=read_patients(a.patients) if a.patients else None,
+                include_training=a.include_training_slides)
     _report(a, "probe", res)
     return 0
 
@@ -103,8 +114,10 @@ def _report(a, task: str, res: dict) -> None:
 def _cmd_captions(a: argparse.Namespace) -> int:
     from .captions import captions_from_labels
 
-    s = captions_from_labels(a.store, a.labels, a.out, seed=a.seed, per_tile=a.per_tile,
-                             slides=a.slides)
+    from wsi.splits import read_patients
+
+    s = captions_from_labels(a.store, a.labels, a.out, seed=a.seed, per_tile=a.per_tile, slides=a.slides,
+                             patients=read_patients(a.patients) if a.patients else None)
     print(json.dumps(s))
     return 0
 
@@ -158,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--labels", default=None, help="per-tile ground truth (`wsi labels --name`) to score against")
     z.add_argument("--slides", nargs="+", default=None, help="only these slides")
     z.add_argument("--name", default=None, help="write per-tile class probabilities to predictions/<name>")
+    z.add_argument("--overwrite", action="store_true", help="replace predictions already stored under --name")
+    _held_out_arg(z)
     z.add_argument("--out", type=Path, default=None, help="RESULT.json")
     z.set_defaults(func=_cmd_zeroshot)
 
@@ -166,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--captions", type=Path, required=True)
     r.add_argument("--store", default=None)
     r.add_argument("--out", type=Path, default=None, help="RESULT.json")
+    _held_out_arg(r)
     r.set_defaults(func=_cmd_retrieve)
 
     pr = sub.add_parser("probe", help="few-shot linear probes (Patho-R1 protocol)", formatter_class=_Help)
@@ -174,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--labels", required=True, help="per-tile labels (`wsi labels --name`)")
     pr.add_argument("--shots", default="2,8,16,32,64,128")
     pr.add_argument("--out", type=Path, default=None, help="RESULT.json")
+    pr.add_argument("--patients", type=Path, default=None,
+                    help="labels CSV with slide_id,patient_id: the seeded split keeps a patient's slides on one side")
+    _held_out_arg(pr)
     pr.set_defaults(func=_cmd_probe)
 
     c = sub.add_parser("captions", help="captions for store tiles from their labels")
@@ -182,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True, help="captions CSV (slide_id,tile,caption)")
     c.add_argument("--slides", nargs="+", default=None, help="only these slides")
     c.add_argument("--per-tile", type=int, default=1, help="captions per tile")
+    c.add_argument("--patients", type=Path, default=None,
+                   help="labels CSV with slide_id,patient_id: adds a patient_id column (clip train splits by patient)")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_cmd_captions)
 

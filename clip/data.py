@@ -1,5 +1,5 @@
-"""PathoCLIP's training pairs: captions of store tiles or of image files (a CSV), a split by slide, and
-`PairDataset`, (image, caption) items for a DataLoader.
+"""PathoCLIP's training pairs: captions of store tiles or of image files (a CSV), a split by slide (by
+patient with a patient_id column), and `PairDataset`, (image, caption) items for a DataLoader.
 
 Captions CSV (comma- or tab-separated, one caption per row; several rows may caption one image):
 
@@ -8,15 +8,16 @@ Captions CSV (comma- or tab-separated, one caption per row; several rows may cap
     image_path,caption[,slide_id]    image files, paths relative to the CSV (Patho-R1's convention);
     filepath,title                   open_clip's --csv-img-key / --csv-caption-key defaults work too
 
-Bad rows (slide not in the store, tile out of range, x,y not a stored tile, empty caption, image file
-missing or unreadable) are skipped and listed with their line numbers (`Captions.summary()`).
+An optional patient_id column names each slide's patient: the validation split then keeps a
+patient's slides on one side. Bad rows (slide not in the store, tile out of range, x,y not a stored
+tile, empty caption, image file missing or unreadable) are skipped and listed with their line
+numbers (`Captions.summary()`).
 """
 from __future__ import annotations
 
 import csv
 import io
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from wsi.errors import PathmilError
+from wsi.errors import LabelsError, PathmilError
+from wsi.rows import dropped_lines
+from wsi.splits import split_groups
 from wsi.store import TileStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class Captions:
     dropped: list[tuple[int, str]] = field(default_factory=list)   # (line number, reason)
     source: Path | None = None              # the CSV
     store_path: Path | str | None = None    # the store the tile keys refer to
+    patients: dict[str, str] = field(default_factory=dict)   # slide id -> patient id (a patient_id column)
 
     def group_of(self, image_pos: int) -> str:
         return self.groups[image_pos]
@@ -69,16 +73,6 @@ class Captions:
         where = f" from {len(set(self.groups))} slides" if by_slide else ""
         s = f"{len(self.captions)} captions of {len(self.images)} images{where}"
         return s + dropped_lines(self.dropped, "rows", show)
-
-
-def dropped_lines(dropped: list[tuple[int, str]], what: str = "rows", show: int = 3) -> str:
-    """"; 3 rows dropped: line 5 <why>, ..." for a summary line ("" when nothing was dropped); shared by
-    the captions CSVs and the reasoner's JSONL files."""
-    if not dropped:
-        return ""
-    shown = ", ".join(f"line {n} {why}" for n, why in dropped[:show])
-    more = f", ... ({len(dropped) - show} more)" if len(dropped) > show else ""
-    return f"; {len(dropped)} {what} dropped: {shown}{more}"
 
 
 class _StoreIndex:
@@ -171,7 +165,8 @@ def read_captions(csv_path: str | Path, store: TileStore | str | Path | None = N
                                 "need the tile store; give it with --store")
         st = store if isinstance(store, TileStore) else TileStore.open(store, readonly=True)
         index, store = _StoreIndex(st), st.path
-    at = {c: cols.index(c) for c in ("slide_id", "tile", "x", "y", cap, img) if c and c in cols}
+    at = {c: cols.index(c) for c in ("slide_id", "patient_id", "tile", "x", "y", cap, img) if c and c in cols}
+    patients: dict[str, str] = {}
     keys: dict[tuple, int] = {}
     groups: list[str] = []
     captions: list[tuple[int, str]] = []
@@ -204,37 +199,31 @@ def read_captions(csv_path: str | Path, store: TileStore | str | Path | None = N
             keys[key] = len(keys)
             groups.append(sid or key[1])
         captions.append((keys[key], caption))
+        if get("patient_id") and sid:
+            patients[sid] = get("patient_id")
     if not captions:
         why = "; ".join(f"line {n} {w}" for n, w in dropped[:3])
         raise CaptionsError(f"{path}: no usable caption rows{f' ({len(dropped)} dropped: {why})' if dropped else ''}; "
                             f"give rows with columns {EXPECTED}")
-    out = Captions(list(keys), captions, groups, dropped, path, store)
+    out = Captions(list(keys), captions, groups, dropped, path, store, patients)
     if dropped:
         log.warning("%s: %s", path, out.summary())
     return out
 
 
 def split_by_group(captions: Captions, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(train, val) image positions, sorted. Whole groups (slides) go to one side, shuffled with
-    `seed`, until the validation side holds about `val_fraction` of the images; at least one group
-    stays in training. Deterministic for a seed."""
+    """(train, val) image positions, sorted: `wsi.splits.split_groups` over the images' slides, grouped
+    by patient where the CSV has a patient_id column, so a slide (a patient) is on one side only; about
+    `val_fraction` of the slides (patients) are held out, at least one stays in training.
+    Deterministic for a seed."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
         return list(range(len(captions.images))), []
-    size = Counter(captions.groups)
-    names = sorted(size)
-    if len(names) < 2:
-        raise CaptionsError(f"{captions.source}: every image comes from one slide ({names[0]!r}); a validation "
-                            "split by slide needs two or more: use --val-fraction 0")
-    target, n, val = val_fraction * len(captions.images), 0, []
-    for k in np.random.default_rng(seed).permutation(len(names))[:-1]:
-        if not val or abs(n + size[names[k]] - target) < abs(n - target):   # a group that brings val closer
-            val.append(names[k])
-            n += size[names[k]]
-    chosen = set(val)
-    return ([i for i, g in enumerate(captions.groups) if g not in chosen],
-            [i for i, g in enumerate(captions.groups) if g in chosen])
+    try:
+        return split_groups(captions.groups, val_fraction, seed, patients=captions.patients or None)
+    except LabelsError as e:
+        raise CaptionsError(f"{captions.source}: {e}; use --val-fraction 0 to train without validation") from None
 
 
 class PairDataset(torch.utils.data.Dataset):

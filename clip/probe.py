@@ -5,26 +5,31 @@ labelled tile of the held-out slides: mean ± std (ddof 0) of accuracy and balan
 
 Features are `wsi embed`'s (`wsi.embed.embed_store`), cached in the store under the encoder's name
 (a registry name, `pathoclip:<RUN_DIR>`, `open_clip:<arch>@<tag>`, ...: `embed_spec`), and
-L2-normalised before the probe as clip_benchmark's linear probe does. The cache is keyed by that name:
-features made by other weights under the same name (a RUN_DIR trained again, another weights file)
-are embedded again only when the model's digest (`Encoder.digest()`) is given, or with `refresh`.
-Labels map to classes as in `clip.zeroshot.tile_targets` (class indices, or binary fractions
-positive when > 0.5).
+L2-normalised before the probe as clip_benchmark's linear probe does. Cached features are used only when
+they were made by the same weights: their `weights_digest` must be the model's (`Encoder.digest()`),
+for every kind of model (a registry name with or without `--pretrained FILE`, an architecture, a
+RUN_DIR trained again); other features under the name are embedded again. Random-init weights have
+no identity: their cache is reused (`refresh` embeds again).
+Slides are split by patient where `patients` ({slide_id: patient_id}, `wsi.splits.read_patients`)
+says, else by slide (`wsi.splits.split_groups`); a RUN_DIR's training slides are never scored
+(`clip.heldout`; `include_training` keeps them).
+Labels map to classes as `wsi.tile_classes` says (class indices, or binary fractions positive when
+> 0.5).
 A shot count larger than the smallest class of the training tiles is skipped and said so.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from wsi.errors import LabelsError, PathmilError, StoreError
 from wsi.store import TileStore
 
-from .zeroshot import tile_targets
+from wsi.splits import split_groups
+from wsi.tile_classes import class_indices
 
 log = logging.getLogger(__name__)
 
@@ -62,48 +67,71 @@ def embed_spec(model: str, pretrained: str | bool | None = None, random_init: bo
     return model, file, not random_init
 
 
-def split_slides(slide_ids: Sequence[str], test_fraction: float = 0.3, seed: int = 0) -> tuple[list[str], list[str]]:
-    """A deterministic slide split (train, test), each sorted; at least one slide on each side."""
+def split_slides(slide_ids: Sequence[str], test_fraction: float = 0.3, seed: int = 0,
+                 patients: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """A deterministic split (train, test) of slides, each sorted, whole patients on one side
+    (`wsi.splits.split_groups`); at least one slide on each side."""
     ids = sorted(slide_ids)
-    if len(ids) < 2:
-        raise LabelsError(f"a probe needs at least 2 slides (train and held-out), got {len(ids)}; add slides "
-                          "or pass the train and test slides")
-    n_test = min(len(ids) - 1, max(1, int(round(test_fraction * len(ids)))))
-    perm = np.random.default_rng(seed).permutation(len(ids))
-    test = sorted(ids[i] for i in perm[:n_test])
-    return [s for s in ids if s not in test], test
+    try:
+        train, test = split_groups(ids, test_fraction, seed, patients=patients)
+    except LabelsError as e:
+        raise LabelsError(f"a probe needs train and held-out slides: {e}; add slides or pass the train and "
+                          "test slides") from None
+    return [ids[i] for i in train], [ids[i] for i in test]
 
 
 def cached_features(store: TileStore | str | Path, encoder: str, slides: Sequence[str], *, pretrained: bool = True,
                     weights: str | None = None, digest: str | None = None, refresh: bool = False,
                     batch_size: int = 64, device: str = "auto", progress: bool = True) -> dict[str, np.ndarray]:
-    """{slide_id: (N, D) float32} image-tower features of `encoder`, embedded into the store when missing
-    (or made by weights whose digest is not `digest`, or always with `refresh`)."""
-    from wsi.embed import EmbedConfig, embed_store
+    """{slide_id: (N, D) float32} image-tower features of `encoder`, embedded into the store when
+    missing, made by other weights (a `weights_digest` other than the model's: `digest`, else the
+    digest of the model built from `encoder`, `pretrained`, `weights`), or always with `refresh`.
+    Random-init models (`pretrained=False`, no `weights`, no `digest`) reuse features of random-init
+    weights."""
+    from wsi.embed import EmbedConfig, embed_slide
+    from wsi.encoders import create_encoder
+    from wsi.runtime import resolve_device
 
     from . import models  # noqa: F401  (registers PathoCLIP's encoders)
 
     path = store.path if isinstance(store, TileStore) else store
-    st = TileStore.open(path, readonly=True)
-    stale = [s for s in slides if refresh or (digest is not None and st[s].has_features(encoder)
-                                               and st[s].feature_meta(encoder).get("weights_digest") != digest)]
-    cfg = EmbedConfig(encoder=encoder, pretrained=pretrained, weights=weights, batch_size=batch_size, device=device)
-    results = []
-    if stale:
-        results += embed_store(path, replace(cfg, overwrite=True), stale, progress)
-    fresh = [s for s in slides if s not in stale]
-    if fresh:
-        results += embed_store(path, cfg, fresh, progress)
-    failed = [r for r in results if r.status not in ("embedded", "skipped")]
-    if failed:
-        raise StoreError(f"{path}: features {encoder!r} could not be made for slide {failed[0].slide_id!r} "
-                         f"({failed[0].status}: {failed[0].error}); fix it or leave the slide out")
+    st = TileStore.open(path)
+    random_init = not pretrained and not weights
+    built = None
+    if digest is None and not random_init:
+        built = create_encoder(encoder, pretrained=pretrained, weights=weights)
+        digest = built.digest()
+
+    def stale(s: str) -> bool:
+        if refresh or not st[s].has_features(encoder):
+            return True
+        meta = st[s].feature_meta(encoder)
+        if digest is None:  # random-init weights, no digest asked for: features of random-init weights do
+            return meta.get("weights") != "random-init"
+        return meta.get("weights_digest") != digest
+
+    todo = [s for s in slides if stale(s)]
+    if todo:
+        built = built or create_encoder(encoder, pretrained=pretrained, weights=weights)
+        dev = resolve_device(device)
+        built.model.to(dev)
+        cfg = EmbedConfig(encoder=encoder, pretrained=pretrained, weights=weights, batch_size=batch_size,
+                          device=device, overwrite=True)
+        for s in todo:
+            try:
+                embed_slide(st, s, built, dev, cfg, progress)
+            except (StoreError, OSError, RuntimeError) as e:
+                raise StoreError(f"{path}: features {encoder!r} could not be made for slide {s!r} "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fix it or "
+                                 "leave the slide out") from None
     st = TileStore.open(path, readonly=True)
     return {s: st[s].features(encoder, np.float32) for s in slides}
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    from sklearn.preprocessing import normalize
+
+    return normalize(x, norm="l2", axis=1)
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
@@ -154,37 +182,48 @@ def probe(model: str, store: TileStore | str | Path, labels: str, shots: Sequenc
           n_subsets: int = N_SUBSETS, seed: int = SEED, train_slides: Sequence[str] | None = None,
           test_slides: Sequence[str] | None = None, test_fraction: float = 0.3, split_seed: int = 0, *,
           pretrained: str | bool | None = None, random_init: bool = False, digest: str | None = None,
-          refresh: bool = False, batch_size: int = 64, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+          refresh: bool = False, patients: Mapping[str, str] | None = None, include_training: bool = False,
+          batch_size: int = 64, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """The few-shot probe of `model` (as `clip.models.load_model` takes it: a registry name, an
     open_clip architecture with `pretrained`, or a RUN_DIR; see `embed_spec`) on per-tile `labels`.
     Slides: `train_slides` / `test_slides` (one given: the other is every other complete slide), else
-    `split_slides(complete slides, test_fraction, split_seed)`.
+    `split_slides(complete slides, test_fraction, split_seed, patients)`. A RUN_DIR's training slides
+    (`clip.heldout`) are never on the test side, and not in a seeded split at all, unless
+    `include_training`; a given test slide that is one is refused.
     Returns {"model", "data", "config", "metrics"} (`clip.results`); metrics are few_shot's plus
     "n_train", "n_test" (labelled tiles) and "classes": {index: {"train": tiles, "test": tiles}}."""
-    encoder, weights, use_pretrained = embed_spec(model, pretrained, random_init)
-    if digest is None and encoder.startswith("pathoclip:"):  # a run trained again in place: embed it again
-        from wsi.encoders import create_encoder
+    from .heldout import leave_out_training
 
-        digest = create_encoder(encoder).digest()
+    encoder, weights, use_pretrained = embed_spec(model, pretrained, random_init)
     path = store.path if isinstance(store, TileStore) else store
     st = TileStore.open(path, readonly=True)
     every = st.complete_ids()
+    pool, held = leave_out_training(encoder, every, include_training)   # what a held-out side may hold
+    bad = [s for s in test_slides or [] if s in held["excluded"]]
+    if bad:
+        raise PathmilError(f"test slide {bad[0]!r} is a training slide of {held['run']}; give held-out slides, or "
+                           "pass --include-training-slides")
     if train_slides is None and test_slides is None:
-        train, test = split_slides(every, test_fraction, split_seed)
-    else:
+        train, test = split_slides(pool, test_fraction, split_seed, patients)
+    else:  # the probe's own training side may hold the run's slides: only its test side is held out
         train = list(train_slides) if train_slides is not None else [s for s in every if s not in set(test_slides)]
-        test = list(test_slides) if test_slides is not None else [s for s in every if s not in set(train)]
+        test = list(test_slides) if test_slides is not None else [s for s in pool if s not in set(train)]
     both = set(train) & set(test)
     if both or not train or not test:
         raise PathmilError(f"the probe needs disjoint, non-empty train and test slides (shared: "
                            f"{', '.join(sorted(both)) or 'none'}; train {len(train)}, test {len(test)})")
+    if patients:
+        shared = {patients.get(s, s) for s in train} & {patients.get(s, s) for s in test}
+        if shared:
+            raise PathmilError(f"patient {sorted(shared)[0]!r} has slides on both sides of the probe; put a "
+                               "patient's slides on one side")
     ys = {}
     for sid in train + test:
         vals = st[sid].labels(labels)
         if vals is None:
             raise StoreError(f"{path}: slide {sid!r} has no labels {labels!r}; make them with "
                              f"`wsi labels {path} --name {labels}` or leave the slide out")
-        ys[sid] = tile_targets(vals, None, f"{path}: labels {labels!r} of slide {sid!r}")
+        ys[sid] = class_indices(vals, None, f"{path}: labels {labels!r} of slide {sid!r}")
     feats = cached_features(path, encoder, train + test, pretrained=use_pretrained, weights=weights, digest=digest,
                             refresh=refresh, batch_size=batch_size, device=device, progress=progress)
 
@@ -202,8 +241,9 @@ def probe(model: str, store: TileStore | str | Path, labels: str, shots: Sequenc
     given = train_slides is not None or test_slides is not None
     return {"model": {"name": encoder, "weights": meta.get("weights"), "digest": meta.get("weights_digest")},
             "data": {"store": str(path), "slides": train + test, "train_slides": train, "test_slides": test,
-                     "n": int(len(ya) + len(yb))},
+                     "n": int(len(ya) + len(yb)), "training_slides": held},
             "config": {"labels": labels, "shots": [int(k) for k in shots], "n_subsets": int(n_subsets),
                        "seed": int(seed), "split": "given" if given else "seeded",
-                       "test_fraction": None if given else test_fraction, "split_seed": None if given else split_seed},
+                       "test_fraction": None if given else test_fraction, "split_seed": None if given else split_seed,
+                       "by_patient": bool(patients)},
             "metrics": metrics}

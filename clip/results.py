@@ -14,13 +14,16 @@
 
 `zeroshot`, `retrieve` and `probe` return dicts with these "model", "data", "config" and "metrics"
 keys, so `write_result(path, task, returned)` writes the file. Per task:
-- zeroshot: data {"store", "slides", "n": tiles}; config {"classes": {class: [synonyms]},
-  "templates", "labels", "run"}.
+- zeroshot: data {"store", "slides", "n": tiles, "training_slides"}; config {"classes": {class:
+  [synonyms]}, "templates", "labels", "run", "positive"}.
 - retrieval: data {"store", "captions": CSV or null, "slides": slides of the tile images, "n":
-  images, "n_texts"}; config {"ks"}.
+  images, "n_texts", "training_slides"}; config {"ks"}.
 - probe: model {"name": the embed encoder name, "weights", "digest": of the cached features};
-  data {"store", "slides", "train_slides", "test_slides", "n": labelled tiles}; config {"labels",
-  "shots", "n_subsets", "seed", "split": "given" | "seeded", "test_fraction", "split_seed"}.
+  data {"store", "slides", "train_slides", "test_slides", "n": labelled tiles, "training_slides"};
+  config {"labels", "shots", "n_subsets", "seed", "split": "given" | "seeded", "test_fraction",
+  "split_seed", "by_patient"}.
+"training_slides" (`clip.heldout`): {"run": the evaluated RUN_DIR or null, "excluded": the run's
+training slides left out, "included": those kept with --include-training-slides}.
 
 Metrics per task (every score is a fraction in [0, 1]; a value that is undefined, such as an AUC with
 one class present, is null):

@@ -96,15 +96,38 @@ def embed_images(enc, images: Sequence[tuple], store: TileStore | str | Path | N
     return out
 
 
+def _held_out(enc, images: list[tuple], pairs: list[tuple[int, str]], groups: Sequence[str] | None,
+              include_training: bool) -> tuple[list[tuple], list[tuple[int, str]], dict[str, Any]]:
+    """The images (and their captions) whose slide the model's run was not trained on."""
+    from .heldout import leave_out_training
+
+    groups = list(groups) if groups is not None else [k[1] for k in images]
+    kept, held = leave_out_training(enc, list(dict.fromkeys(groups)), include_training)
+    if not held["excluded"]:
+        return images, pairs, held
+    keep = set(kept)
+    new_pos: dict[int, int] = {}    # old image position -> position among the kept images
+    for i, g in enumerate(groups):
+        if g in keep:
+            new_pos[i] = len(new_pos)
+    return ([images[i] for i in new_pos], [(new_pos[p], t) for p, t in pairs if p in new_pos], held)
+
+
 def retrieve(enc, captions, store: TileStore | str | Path | None = None, ks: Sequence[int] = KS,
-             batch_size: int = 64, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 64, device: str = "auto", progress: bool = True, *,
+             include_training: bool = False) -> dict[str, Any]:
     """Recall@K both ways of an image-text model on `captions` (a `clip.data.Captions`: `.images`, the
     image keys, `.captions`, [(image position, text)], and `.store_path` when `store` is not given).
+    Images of the slides the model's run was trained on are left out (`clip.heldout`), unless
+    `include_training`.
     Returns {"model", "data", "config", "metrics"} (`clip.results`), metrics as `recall_at_k`'s."""
-    images, pairs = list(captions.images), list(captions.captions)
+    images, pairs, held = _held_out(enc, list(captions.images), list(captions.captions),
+                                    getattr(captions, "groups", None), include_training)
     if not images or not pairs:
-        raise PathmilError("no caption pairs to retrieve from; check the captions CSV (its summary lists "
-                           "the rows dropped)")
+        why = (f"every image is of a training slide of {held['run']}; give captions of held-out slides, or pass "
+               "--include-training-slides") if held["excluded"] else ("check the captions CSV (its summary lists "
+                                                                     "the rows dropped)")
+        raise PathmilError(f"no caption pairs to retrieve from; {why}")
     store = store if store is not None else getattr(captions, "store_path", None)
     img = embed_images(enc, images, store, batch_size, device, progress)
     texts, mine = unique_texts(pairs, len(images))
@@ -116,5 +139,5 @@ def retrieve(enc, captions, store: TileStore | str | Path | None = None, ks: Seq
     return {"model": model_identity(enc),
             "data": {"store": None if store is None else str(getattr(store, "path", store)),
                      "captions": None if source is None else str(source), "slides": slides,
-                     "n": metrics["n_images"], "n_texts": metrics["n_texts"]},
+                     "n": metrics["n_images"], "n_texts": metrics["n_texts"], "training_slides": held},
             "config": {"ks": list(ks)}, "metrics": metrics}

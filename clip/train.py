@@ -218,7 +218,8 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
               "transforms": {"train": "open_clip image_transform(is_train=True)", "eval": enc.transform_attrs()},
               "data": {"source": str(data.resolve()), "store": str(Path(store).resolve()) if store else None,
                        "fingerprint": data_fingerprint(data, Path(store) if store else None, slides),
-                       "n_train_images": n_train, "n_val_images": n_val, "val_groups": val_groups},
+                       "n_train_images": n_train, "n_val_images": n_val, "val_groups": val_groups,
+                       "slides": slides if shards is None else None},   # what evaluations leave out
               "pathmil_version": package_version()}
     resume = check_resume(out, record)  # every rank: each one loads the last state to continue from
     if world > 1:

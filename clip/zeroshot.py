@@ -8,12 +8,12 @@ CLASSES.json (`read_classes`):
      "templates": ["an H&E image of {}.", "a histopathology tile showing {}."],
      "positive": "tumor"}
 
-Class order is the file's order; "positive" (optional, binary only) moves that class last.
-Ground truth (`labels`, a per-tile array of the store) maps to classes so:
-- a class-index array (every value an integer): value k is the k-th class;
-- a binary fraction array (values in [0, 1], e.g. the tumour fraction of `wsi labels`): positive when
-  > 0.5, and the positive class is the LAST of exactly two classes (the first is the negative one).
-Tiles whose label is NaN are not scored.
+Class order is the file's order; "positive" (binary only) moves that class last.
+Ground truth (`labels`, a per-tile array of the store) maps to classes as `wsi.tile_classes` says:
+a class-index array (value k is the k-th class), or a binary fraction array (e.g. the tumour fraction
+of `wsi labels`), positive when > 0.5. Scoring a fraction needs "positive": without it the file's
+order alone would decide which class a fraction > 0.5 is, and {"tumor": ..., "normal": ...} would
+invert every score. Tiles whose label is NaN are not scored.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import torch
 
 from wsi.errors import LabelsError, PathmilError, StoreError
 from wsi.store import TileStore
+from wsi.tile_classes import class_indices, is_fraction
 
 from .embedding import embed_tiles, model_device, place
 from .results import model_identity
@@ -78,28 +79,16 @@ def read_classes(path: str | Path) -> tuple[dict[str, list[str]], list[str]]:
     return {k: list(v) for k, v in classes.items()}, list(templates)
 
 
-def tile_targets(values: np.ndarray, n_classes: int | None, where: str) -> np.ndarray:
-    """Per-tile labels -> int64 class indices, -1 where unlabelled (NaN). Integer values are class
-    indices; fractions in [0, 1] are binary (1 when > 0.5). `where` names the array in errors."""
-    v = np.asarray(values, np.float64)
-    ok = np.isfinite(v)
-    y = np.full(len(v), -1, np.int64)
-    if not ok.any():
-        return y
-    if np.all(v[ok] == np.round(v[ok])):
-        y[ok] = v[ok].astype(np.int64)
-        if y[ok].min() < 0 or (n_classes is not None and y[ok].max() >= n_classes):
-            raise LabelsError(f"{where}: class indices {int(y[ok].min())}..{int(y[ok].max())} do not fit the "
-                              f"{n_classes} classes; list one class per index in CLASSES.json")
-    elif v[ok].min() >= 0 and v[ok].max() <= 1:
-        if n_classes not in (None, 2):
-            raise LabelsError(f"{where}: binary fraction labels need exactly 2 classes (negative first, "
-                              f"positive last), not {n_classes}")
-        y[ok] = (v[ok] > 0.5).astype(np.int64)
-    else:
-        raise LabelsError(f"{where}: labels are neither class indices nor fractions in [0, 1]; "
-                          "pass an integer class array or a binary fraction label")
-    return y
+tile_targets = class_indices   # per-tile labels -> class indices (-1 unlabelled); see wsi.tile_classes
+
+
+def read_positive(path: str | Path) -> str | None:
+    """The "positive" class a CLASSES.json names (None when it names none); read_classes checks it."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc.get("positive") if isinstance(doc, dict) and isinstance(doc.get("positive"), str) else None
 
 
 def _auc(y: np.ndarray, probs: np.ndarray) -> float | None:
@@ -138,40 +127,77 @@ def zeroshot_metrics(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str
             "auc": _auc(y, probs), "per_class": per_class}
 
 
+def _binary_order(classes: dict[str, list[str]], positive: str | None, fractions: bool, where: str
+                  ) -> dict[str, list[str]]:
+    """`classes` with `positive` last; fraction labels without a positive class are refused."""
+    if positive is not None:
+        if len(classes) != 2 or positive not in classes:
+            raise LabelsError(f"{where}: 'positive' must name one of exactly two classes "
+                              f"({', '.join(classes)}), got {positive!r}")
+        return {**{k: v for k, v in classes.items() if k != positive}, positive: classes[positive]}
+    if fractions and len(classes) == 2:   # other counts: class_indices says fractions need two classes
+        raise LabelsError(f"{where}: the labels are fractions, so one of the classes ({', '.join(classes)}) must be "
+                          f'named positive; add "positive": "<the class a fraction > 0.5 is>" to the classes file')
+    return classes
+
+
+def _check_name(store: TileStore, run: str, ids: Sequence[str], overwrite: bool) -> None:
+    from wsi.store.meta import validate_name
+
+    try:
+        validate_name(run, "prediction")
+    except ValueError:
+        raise PathmilError(f"prediction name {run!r} is not usable in the store; use letters, digits, "
+                           "'.', '_' or '-' (starting with a letter or digit)") from None
+    taken = [s for s in ids if run in store[s].prediction_names()]
+    if taken and not overwrite:
+        raise StoreError(f"{store.path}: slide {taken[0]!r} already has predictions {run!r} ({len(taken)} slides); "
+                         "pass --overwrite to replace them, or another --name")
+
+
 def zeroshot(enc, store: TileStore | str | Path, classes: dict[str, list[str]], templates: Sequence[str],
              slides: Sequence[str] | None = None, labels: str | None = None, run: str | None = None,
-             batch_size: int = 64, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Zero-shot class probabilities of every tile of `slides` (default: the store's complete slides).
+             batch_size: int = 64, device: str = "auto", progress: bool = True, *, positive: str | None = None,
+             classes_file: str | Path | None = None, overwrite: bool = False,
+             include_training: bool = False) -> dict[str, Any]:
+    """Zero-shot class probabilities of every tile of `slides` (default: the store's complete slides),
+    less the slides the model's run was trained on (`clip.heldout`; `include_training` keeps them).
 
+    positive: the positive class of two (moved last); needed to score fraction labels.
+    classes_file: where `classes` came from, for messages.
     run: also write them to `predictions/<run>` of each slide: "probs" (N, C), "predicted" (N,) class
     index and, for two classes, "instance_score" (N,) the probability of the last (positive) class;
-    attrs: class_names, positive_class, model, weights, templates, created.
+    attrs: class_names, positive_class, model, weights, templates, created. Predictions a slide
+    already has under that name are replaced only with `overwrite`.
     labels: a per-tile labels array of the store (see the module docstring) -> accuracy, balanced
     accuracy, AUC and per-class counts under "metrics".
     Returns {"model", "data", "config", "metrics"} (`clip.results`: `write_result` writes them) and
     "probs": {slide_id: (N, C) float32 array}, columns in the order of `classes`."""
     from tqdm.auto import tqdm
 
-    if run is not None:
-        from wsi.store.meta import validate_name
+    from .heldout import leave_out_training
 
-        try:
-            validate_name(run, "prediction")
-        except ValueError:
-            raise PathmilError(f"prediction name {run!r} is not usable in the store; use letters, digits, "
-                               "'.', '_' or '-' (starting with a letter or digit)") from None
     if not isinstance(store, TileStore):
         store = TileStore.open(store, readonly=run is None)
-    ids = list(slides) if slides else store.complete_ids()
-    names = list(classes)
-    truth = {}
+    asked = list(slides) if slides else store.complete_ids()
+    ids, held = leave_out_training(enc, asked, include_training)
+    if not ids:
+        raise PathmilError(f"{store.path}: every slide asked for was a training slide of {held['run']}; pass "
+                           "held-out slides with --slides, or --include-training-slides")
+    if run is not None:
+        _check_name(store, run, ids, overwrite)
+    values = {}
     if labels is not None:  # every slide's labels checked before any model time is spent
         for sid in ids:
-            vals = store[sid].labels(labels)
-            if vals is None:
+            values[sid] = store[sid].labels(labels)
+            if values[sid] is None:
                 raise StoreError(f"{store.path}: slide {sid!r} has no labels {labels!r}; make them with "
                                  f"`wsi labels {store.path} --name {labels}` or leave the slide out")
-            truth[sid] = tile_targets(vals, len(names), f"{store.path}: labels {labels!r} of slide {sid!r}")
+    fractions = any(is_fraction(v) for v in values.values())
+    classes = _binary_order(classes, positive, fractions, str(classes_file or "CLASSES.json"))
+    names = list(classes)
+    truth = {sid: tile_targets(v, len(names), f"{store.path}: labels {labels!r} of slide {sid!r}")
+             for sid, v in values.items()}
     dev = place(enc, device)
     with torch.inference_mode():
         w = class_vectors(enc, classes, templates).cpu().numpy()
@@ -199,6 +225,8 @@ def zeroshot(enc, store: TileStore | str | Path, classes: dict[str, list[str]], 
     if labels is not None:
         y = np.concatenate([truth[s] for s in ids]) if ids else np.zeros(0, np.int64)
         metrics.update(zeroshot_metrics(y, all_p, names))
-    return {"model": model_identity(enc), "data": {"store": str(store.path), "slides": ids, "n": metrics["n"]},
-            "config": {"classes": classes, "templates": list(templates), "labels": labels, "run": run},
+    return {"model": model_identity(enc), "data": {"store": str(store.path), "slides": ids, "n": metrics["n"],
+                                                   "training_slides": held},
+            "config": {"classes": classes, "templates": list(templates), "labels": labels, "run": run,
+                       "positive": names[-1] if len(names) == 2 and (positive or fractions) else None},
             "metrics": metrics, "probs": probs}

@@ -2,7 +2,8 @@
 
 Splits are always by patient: a patient's slides land in one part, so no patient is ever seen in
 training and scored in test. The labels CSV's split column, when present, is one fixed split;
-otherwise stratified k-fold (or one stratified split with folds=1).
+otherwise stratified k-fold (or one stratified split with folds=1), with the splitters of `wsi.splits`
+that clip's splits use too.
 
 A patient may have slides of different labels (a tumour and a normal slide). Patients are then
 stratified by their set of labels, as CLAM's patient-level stratification does: the stratum of a
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi.errors import LabelsError
+from wsi.splits import stratified_folds, stratified_pick
 
 from .cohort import Cohort
 from .labels import PARTS
@@ -89,24 +91,6 @@ def _patient_table(cohort: Cohort, need: int = 0) -> tuple[np.ndarray, np.ndarra
     return pats, _codes(keys, len(cohort.class_names)), by, keys
 
 
-def _stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions of about `n` of `labels`, class proportions kept (largest remainder), at least one of
-    each class that has two or more (when n > 0), never every member of a class."""
-    if n <= 0 or len(labels) == 0:
-        return np.zeros(0, dtype=np.int64)
-    cls, counts = np.unique(labels, return_counts=True)
-    ideal = n * counts / counts.sum()
-    alloc = np.floor(ideal).astype(int)
-    rest = n - alloc.sum()
-    if rest > 0:
-        frac = ideal - alloc + rng.uniform(0, 1e-6, len(cls))   # tiny noise: ties broken by the seed
-        alloc[np.argsort(-frac)[:rest]] += 1
-    alloc = np.where(counts >= 2, np.maximum(alloc, 1), 0)
-    alloc = np.minimum(alloc, counts - 1)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(cls, alloc)]
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
-
-
 def _n_val(val_fraction: float, n_patients: int) -> int:
     # any val_fraction > 0 asks for a validation part, however small the cohort
     return max(1, int(round(val_fraction * n_patients))) if val_fraction > 0 else 0
@@ -144,7 +128,7 @@ def _csv_split(cohort: Cohort, val_fraction: float, seed: int) -> Split:
                      cohort.encoder, cohort.source)
         pats, codes, by, _ = _patient_table(sub, 2)
         n_all = len({b.patient_id for b in cohort.bags})
-        pick = _stratified_pick(codes, _n_val(val_fraction, n_all), np.random.default_rng(seed))
+        pick = stratified_pick(codes, _n_val(val_fraction, n_all), np.random.default_rng(seed))
         val = {parts["train"][i] for i in _bags_of(pats[pick], by)}
         parts["val"] = sorted(val)
         parts["train"] = [i for i in parts["train"] if i not in val]
@@ -191,17 +175,14 @@ def make_splits(cohort: Cohort, folds: int = 5, *, val_fraction: float = 0.15, s
         strata = dict(zip(pats, keys))
         if folds == 1:
             rng = np.random.default_rng(seed)
-            test = _stratified_pick(codes, max(1, int(round(0.2 * len(pats)))), rng)
+            test = stratified_pick(codes, max(1, int(round(0.2 * len(pats)))), rng)
             rest = np.setdiff1d(np.arange(len(pats)), test)
             folds_idx = [(rest, test)]
         else:
-            from sklearn.model_selection import StratifiedKFold
-
-            skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-            folds_idx = list(skf.split(np.zeros(len(pats)), codes))
+            folds_idx = stratified_folds(codes, folds, seed)
         splits = []
         for k, (rest, test) in enumerate(folds_idx):
-            v = _stratified_pick(codes[rest], n_val, np.random.default_rng([seed, k]))
+            v = stratified_pick(codes[rest], n_val, np.random.default_rng([seed, k]))
             val = rest[v]
             train = np.setdiff1d(rest, val)
             splits.append(Split(k, _bags_of(pats[train], by), _bags_of(pats[val], by), _bags_of(pats[test], by),

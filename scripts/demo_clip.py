@@ -8,24 +8,15 @@ retrieval R@5 both ways on the held-out slides' captions, and the 8-shot linear 
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 
 def split_slides(labels_csv: Path, held_out: float = 0.25, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(training slides, held-out slides), stratified by slide label."""
-    import numpy as np
+    """(training slides, held-out slides), stratified by slide label, a patient's slides on one side
+    (`wsi.splits.split_by_label`)."""
+    from wsi.splits import read_patients, read_slide_labels, split_by_label
 
-    rows = list(csv.DictReader(open(labels_csv)))
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for lab in sorted({r["label"] for r in rows}):
-        ids = sorted(r["slide_id"] for r in rows if r["label"] == lab)
-        rng.shuffle(ids)
-        k = max(1, round(len(ids) * held_out))
-        test += ids[:k]
-        train += ids[k:]
-    return sorted(train), sorted(test)
+    return split_by_label(read_slide_labels(labels_csv), held_out, seed, patients=read_patients(labels_csv))
 
 
 def clip_stage(store: Path, labels_csv: Path, out: Path, seed: int = 0, progress: bool = True,
@@ -62,7 +53,7 @@ def clip_stage(store: Path, labels_csv: Path, out: Path, seed: int = 0, progress
         pb = probe(target, store, "tumor", shots=[8], train_slides=train, test_slides=test, progress=False)
         seed_everything(seed)
         enc = load_model(target)
-        zs = zeroshot(enc, store, classes, templates, slides=test, labels="tumor", progress=False)
+        zs = zeroshot(enc, store, classes, templates, slides=test, labels="tumor", positive="tumor", progress=False)
         rt = retrieve(enc, test_caps, store=store, progress=False)
         rows.append({"model": f"{model} ({name})", "zeroshot_balanced_accuracy": zs["metrics"]["balanced_accuracy"],
                      "zeroshot_auc": zs["metrics"].get("auc"),

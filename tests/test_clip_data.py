@@ -293,4 +293,5 @@ def test_eval_prompts_differ_from_training_and_classes_json(tmp_path):
         assert not set(words) & set(TRAIN_SYNONYMS[c])
     assert list(EVAL_CLASSES)[-1] == "tumor"                       # the positive class is the last one
     obj = json.loads(write_classes_json(tmp_path / "classes.json").read_text())
-    assert obj == {"classes": {k: list(v) for k, v in EVAL_CLASSES.items()}, "templates": list(EVAL_TEMPLATES)}
+    assert obj == {"classes": {k: list(v) for k, v in EVAL_CLASSES.items()}, "templates": list(EVAL_TEMPLATES),
+                   "positive": "tumor"}

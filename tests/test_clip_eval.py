@@ -153,7 +153,7 @@ def test_zeroshot_separable_set_beats_chance(trained, colour_store):
 def test_zeroshot_binary_fraction_labels_and_predictions_in_the_store(trained, colour_store):
     st = colour_store
     res = zeroshot(trained, st.path, {"blue": ["blue"], "red": ["red"]}, ["an image of {} tissue."],
-                   slides=["s3"], labels="red", run="zs-colours", progress=False)
+                   slides=["s3"], labels="red", run="zs-colours", progress=False, positive="red")
     m = res["metrics"]
     assert m["n_labelled"] == 24 and m["balanced_accuracy"] > 0.9 and m["auc"] > 0.95, m
     arrays, attrs = TileStore.open(st.path, readonly=True)["s3"].predictions("zs-colours")
@@ -272,7 +272,7 @@ def test_embed_spec(tmp_path):
 def test_result_files_follow_the_schema(trained, colour_store, tmp_path):
     st = colour_store
     zs = zeroshot(trained, st.path, {"blue": ["blue"], "red": ["red"]}, ["{} tissue."], slides=["s3"],
-                  labels="red", progress=False)
+                  labels="red", progress=False, positive="red")
     caps = SimpleNamespace(images=[("tile", "s3", i) for i in range(4)], source=tmp_path / "captions.csv",
                            captions=[(i, "red tissue.") for i in range(4)])
     rt = retrieve(trained, caps, st.path, ks=(1, 5), progress=False)
@@ -288,7 +288,8 @@ def test_result_files_follow_the_schema(trained, colour_store, tmp_path):
         assert "NaN" not in (tmp_path / "out" / f"{task}.json").read_text()
     zdoc = read_result(tmp_path / "out" / "zeroshot.json")
     assert zdoc["model"] == {"name": "pathoclip-tiny", "weights": "random-init", "digest": trained.digest()}
-    assert zdoc["data"] == {"store": str(st.path), "slides": ["s3"], "n": 24} and "probs" not in zdoc
+    assert zdoc["data"] == {"store": str(st.path), "slides": ["s3"], "n": 24, "training_slides": {
+        "run": None, "excluded": [], "included": []}} and "probs" not in zdoc
     assert zdoc["config"]["classes"] == {"blue": ["blue"], "red": ["red"]} and zdoc["config"]["labels"] == "red"
     assert zdoc["metrics"]["balanced_accuracy"] == pytest.approx(zs["metrics"]["balanced_accuracy"])
     rdoc = read_result(tmp_path / "out" / "retrieval.json")

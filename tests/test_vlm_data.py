@@ -140,3 +140,20 @@ def test_vlm_data_errors_are_one_line(built, tmp_path, capsys):
     assert main(["data", str(st.path), "--labels", "nolabels", "--captions", str(caps), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlm: error: ") and "no tile has labels 'nolabels'" in err and "\n" not in err
+
+
+def test_vlm_data_slides_keep_other_slides_captions_out(built, tmp_path):
+    """--slides picks the MCQs' slides and the captions' too: a held-out slide's captions never reach the
+    training caption.jsonl."""
+    from vlm.cli import main
+
+    st, _, caps, _ = built
+    out = tmp_path / "only_a"
+    assert main(["-q", "data", str(st.path), "--labels", "tumor", "--captions", str(caps), "--out", str(out),
+                 "--slides", "a"]) == 0
+    cap = read_jsonl(out / "caption.jsonl", "caption")
+    mcq = read_jsonl(out / "mcq.jsonl", "grpo")
+    assert {r["images"][0]["slide"] for r in cap.rows} == {"a"} == {r["images"][0]["slide"] for r in mcq.rows}
+    assert len(cap) == 2 * 10                                       # a's 10 labelled tiles, 2 captions each
+    with pytest.raises(VlmError, match="no caption is of the slides given"):
+        make_data(st, "tumor", caps, tmp_path / "none", slides=["c"])

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--classes", default=None, help="class names, comma-separated; binary labels: negative,positive "
                                                    "(default: normal,tumor)")
     d.add_argument("--question", default=QUESTION, help=f"the question (default: {QUESTION!r})")
-    d.add_argument("--slides", nargs="+", default=None, help="only these slides (default: every complete slide)")
+    d.add_argument("--slides", nargs="+", default=None,
+                   help="only these slides, for the MCQs and the captions (default: every complete slide)")
     d.add_argument("--max-per-class", type=int, default=None, help="at most this many tiles of each class")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_data)

@@ -14,7 +14,7 @@ An image is a file path (relative to the JSONL's folder, or absolute) or a store
 are reported by number and skipped (`Rows.summary()`).
 
 `vlm data STORE --labels NAME --captions CAPTIONS.csv --out DIR` writes caption.jsonl (the `clip captions`
-CSV, one row per caption), mcq.jsonl (one "Which tissue does this tile show?" row per labelled tile, one
+CSV, one row per caption of the slides asked for: `--slides` keeps the captions of other slides out), mcq.jsonl (one "Which tissue does this tile show?" row per labelled tile, one
 option per class phrased with a seeded synonym of `clip.captions.TRAIN_SYNONYMS`, in a seeded order) and
 sft.jsonl (the same rows with a templated reasoning: what the tile shows, then each other option ruled out).
 """
@@ -58,7 +58,7 @@ class Rows:
 
     def summary(self, show: int = 3) -> str:
         """One line: "120 sft rows; 2 lines dropped: line 3 not JSON (...), ..."."""
-        from clip.data import dropped_lines
+        from wsi.rows import dropped_lines
 
         return f"{len(self.rows)} {self.stage} rows" + dropped_lines(self.dropped, "lines", show)
 
@@ -276,15 +276,17 @@ def make_data(store: Any, labels: str, captions: str | Path, out_dir: str | Path
               seed: int = 0) -> dict[str, Any]:
     """Write OUT_DIR/caption.jsonl, mcq.jsonl and sft.jsonl from a tile store (see the module docstring).
 
-    captions: a `clip captions` CSV of the store's tiles (`clip.data.read_captions`). labels: the per-tile
+    captions: a `clip captions` CSV of the store's tiles (`clip.data.read_captions`); with `slides`, only
+    the captions of those slides are written. labels: the per-tile
     labels the MCQs ask about (binary: the LAST of `classes` is positive, default ["normal", "tumor"]; more
     classes: integer indices), unlabelled tiles skipped. `max_per_class` draws at most that many tiles of
     each class (seeded). Deterministic for a seed. Returns a summary: files, row counts, per-class tiles,
     answer letters, skipped slides."""
-    from clip.captions import DEFAULT_CLASSES, TRAIN_SYNONYMS, tiles_by_class
-    from clip.data import CaptionsError
+    from clip.captions import DEFAULT_CLASSES, TRAIN_SYNONYMS
     from clip.data import read_captions
+    from wsi.errors import LabelsError
     from wsi.store import TileStore
+    from wsi.tile_classes import tiles_by_class
 
     st = store if isinstance(store, TileStore) else TileStore.open(store, readonly=True)
     store_path = str(Path(st.path).resolve()) if not _is_url(str(st.path)) else str(st.path)
@@ -298,14 +300,17 @@ def make_data(store: Any, labels: str, captions: str | Path, out_dir: str | Path
     def ref(sid: str, idx: int) -> dict[str, Any]:
         return {"store": store_path, "slide": sid, "tile": int(idx)}
 
-    caps = read_captions(captions, store=st)
-    caption_rows = [{"images": [ref(*caps.images[pos][1:]) if caps.images[pos][0] == "tile" else caps.images[pos][1]],
-                     "caption": text} for pos, text in caps.captions]
-
     ids = list(slides) if slides is not None else st.complete_ids()
+    caps = read_captions(captions, store=st)
+    keep = set(ids)     # captions of other slides (held-out ones, with --slides) stay out
+    caption_rows = [{"images": [ref(*caps.images[pos][1:]) if caps.images[pos][0] == "tile" else caps.images[pos][1]],
+                     "caption": text} for pos, text in caps.captions if slides is None or caps.group_of(pos) in keep]
+    if not caption_rows:
+        raise VlmError(f"{captions}: no caption is of the slides given ({', '.join(ids[:3])}"
+                       f"{', ...' if len(ids) > 3 else ''}); give the captions CSV of those slides")
     try:
         per_class, skipped, _ = tiles_by_class(st, labels, len(classes), ids)
-    except CaptionsError as e:
+    except LabelsError as e:
         raise VlmError(str(e)) from None
     rng = np.random.default_rng(seed)
     if max_per_class is not None:
