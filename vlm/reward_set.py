@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .prompts import SYSTEM_PROMPT, VlmError
+from .prompts import SYSTEM_PROMPT, VlmError, template_prefills_think
 
 # A process reward (grounding, judge) counts half a right answer unless --reward-weights says otherwise.
 PROCESS_WEIGHT = 0.5
@@ -42,7 +42,6 @@ def reward_functions(stage: str, processor: Any, s: Mapping[str, Any], system: s
     templates detected) and accuracy, then the process rewards that `s` asks for (grounding, judge), with
     `s["reward_weights"]` (two values: the process rewards get `PROCESS_WEIGHT` each); dapo adds trl's soft
     overlong punishment (weight 1, cache a fifth of the completion length, DAPO's 4k of 20k)."""
-    from .evaluate import template_prefills_think
     from .rewards import accuracy_reward, make_format_reward
 
     names = reward_names(s)
