@@ -88,7 +88,7 @@ def _sampled_rows(d, copies: int = 8) -> list[dict]:
 
 
 def test_sft_then_grpo_learns_and_grpo_raises_the_reward_from_a_weak_start(tmp_path):
-    """Issue 11's proof: a short SFT (a weak start: right when greedy, often malformed or wrong when sampled),
+    """The learning proof: a short SFT (a weak start: right when greedy, often malformed or wrong when sampled),
     then >= 120 GRPO steps with the folder's defaults (lr 3e-4, 4 generations, beta 0): the training reward's
     last quarter beats its first by >= 0.1, the held-out reward sampled at temperature 1 rises, and held-out
     greedy accuracy >= 0.9 with format rate >= 0.95 (the untrained model: no format, no right answer).

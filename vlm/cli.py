@@ -1,4 +1,4 @@
-"""`vlm`: the pathology reasoner of issue 11 (Qwen2.5-VL / Patho-R1 on trl).
+"""`vlm`: the pathology reasoner (Qwen2.5-VL / Patho-R1 on trl).
 
 Every command is a thin layer over the Python API (vlm.tiny, vlm.data, vlm.train, vlm.evaluate, vlm.ask). Errors a
 user can cause end as one line and exit status 2 (the traceback with -v).
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("train", help="train a stage: caption / sft (trl SFTTrainer), grpo / dapo (GRPOTrainer)",
                        description="Trains one stage on a JSONL file (`vlm data` writes them) and writes RUN_DIR, a "
-                                   "model folder that every --model accepts; a rerun resumes from RUN_DIR/checkpoints. "
+                                   "model folder that every --model accepts. A rerun resumes from RUN_DIR/checkpoints, "
+                                   "leaves a finished run as it is, and refuses another stage, data or settings. "
                                    "Unset flags come from the model folder's pathmil_defaults.json (vlm make-tiny "
                                    "writes one), else defaults for real 3B/7B checkpoints.")
     r.add_argument("--stage", required=True, choices=("caption", "sft", "grpo", "dapo"))

@@ -105,7 +105,8 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
     eval JSONL file (`data.read_jsonl(path, "eval")`: bad lines skipped and reported) or rows already
     read (images absolute or store references). max_new_tokens / weights None: the run's own
     (`run_generation`). Generation is batched (`model.generate`, left-padded), greedy at temperature 0;
-    sampled at temperature > 0 from torch's generator seeded with `seed` (None: not seeded). Returns {"model", "data", "config", "metrics", "items", "created"}."""
+    sampled at temperature > 0 from torch's generator seeded with `seed` (None: not seeded). Returns
+    {"model", "data", "config", "metrics", "items", "created"}."""
     import torch
     from tqdm.auto import tqdm
 

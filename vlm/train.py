@@ -317,7 +317,8 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
     if not adapter:
         net = _prepare_model(net, s)
     dataset = build_dataset(rows.rows, stage, Path(data).parent, system)
-    common = dict(output_dir=str(ckpt_dir), learning_rate=float(s["lr"]), per_device_train_batch_size=int(s["batch_size"]),
+    common = dict(output_dir=str(ckpt_dir), learning_rate=float(s["lr"]),
+                  per_device_train_batch_size=int(s["batch_size"]),
                   gradient_accumulation_steps=int(s["grad_accum"]), num_train_epochs=float(s["epochs"]),
                   max_steps=int(s["max_steps"]), seed=int(s["seed"]), logging_steps=1, report_to="none",
                   save_strategy="steps", save_steps=int(s["save_steps"]), save_total_limit=1,
