@@ -127,3 +127,33 @@ def test_vlm_eval_errors_are_one_line(tiny_vlm, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_vlm), "--data", str(tmp_path / "none.jsonl"), "--out",
                  str(tmp_path / "r.json"), "--batch-size", "0"]) == 2
     assert "--batch-size 0: give a number >= 1" in capsys.readouterr().err
+
+
+def test_vlm_eval_generates_as_long_as_the_model_was_trained_to(tiny_vlm, mcq, tmp_path):
+    """No --max-new-tokens: the model folder's GRPO completion length (the tiny folder's defaults: 64; a
+    grpo/dapo RUN_DIR's own, test_vlm_train), not a fixed 256 that cuts a 1,024-token reasoning short; the
+    defaults for real checkpoints otherwise."""
+    from vlm.cli import main
+    from vlm.train import DEFAULTS
+
+    path, _ = mcq
+    out = tmp_path / "r.json"
+    assert main(["-q", "eval", "--model", str(tiny_vlm), "--data", str(path), "--out", str(out), "--limit", "2"]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["max_new_tokens"] == 64 and cfg["reward_weights"] == [0.1, 0.9]
+    assert cfg["run_settings_from"] == "the grpo defaults of the model folder"
+    from vlm.evaluate import run_generation
+
+    hub = run_generation("Qwen/Qwen2.5-VL-3B-Instruct")
+    assert hub["max_new_tokens"] == DEFAULTS["grpo"]["max_completion_length"] == 1024
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_vlm_eval_on_a_gpu_that_is_not_there_is_one_line(tiny_vlm, mcq, tmp_path, capsys):
+    from vlm.cli import main
+
+    path, _ = mcq
+    assert main(["eval", "--model", str(tiny_vlm), "--data", str(path), "--out", str(tmp_path / "r.json"),
+                 "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "vlm: error: device 'cuda:0' asked for, but torch sees no CUDA GPU; use --device cpu"

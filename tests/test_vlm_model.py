@@ -63,9 +63,10 @@ def test_make_tiny_is_a_small_normal_model_folder(tiny, tmp_path):
 def test_chat_template_renders_the_reasoner_prompt_with_image_tokens(tiny):
     from transformers import AutoProcessor
 
-    from vlm.prompts import SYSTEM_PROMPT, build_messages
+    from vlm.prompts import SYSTEM_PROMPT, build_messages, template_prefills_think
 
     proc = AutoProcessor.from_pretrained(tiny)
+    assert template_prefills_think(proc) is False                  # the real Qwen2.5-VL template
     msgs = build_messages({"question": "Which tissue does this tile show?", "options": ["tumor", "normal tissue"]}, 1)
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert text == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
@@ -128,3 +129,25 @@ def test_offline_uncached_hub_id_fails_at_once_with_the_fix(monkeypatch, tmp_pat
     assert main(["make-tiny", str(tmp_path / "full")]) == 2          # one line, exit 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vlm: error: ") and "full: exists and is not an empty folder" in err and "\n" not in err
+
+
+def test_each_process_loads_onto_its_own_gpu(tiny, monkeypatch):
+    """Under torchrun / accelerate (LOCAL_RANK set), "cuda" and "auto" mean this process's GPU, resolved by
+    wsi.runtime (one implementation for every package), never a bare "cuda" that puts every rank on GPU 0.
+    Without a GPU, asking for one is one line naming the device, for load_model and vlm train alike."""
+    import torch
+
+    from vlm.model import load_model
+    from vlm.train import setup_device
+    from wsi.errors import PathmilError
+
+    if torch.cuda.is_available():
+        rank = torch.cuda.device_count() - 1
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        model, _ = load_model(tiny)
+        assert model.device == torch.device("cuda", rank) and setup_device()["device"] == f"cuda:{rank}"
+        return
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for call in (lambda: load_model(tiny, device="cuda"), lambda: setup_device("cuda")):
+        with pytest.raises(PathmilError, match=r"^device 'cuda:1' asked for, but torch sees no CUDA GPU; use "):
+            call()

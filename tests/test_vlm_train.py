@@ -88,7 +88,7 @@ def _sampled_rows(d, copies: int = 8) -> list[dict]:
 
 
 def test_sft_then_grpo_learns_and_grpo_raises_the_reward_from_a_weak_start(tmp_path):
-    """Issue 11's proof: a short SFT (a weak start: right when greedy, often malformed or wrong when sampled),
+    """The learning proof: a short SFT (a weak start: right when greedy, often malformed or wrong when sampled),
     then >= 120 GRPO steps with the folder's defaults (lr 3e-4, 4 generations, beta 0): the training reward's
     last quarter beats its first by >= 0.1, the held-out reward sampled at temperature 1 rises, and held-out
     greedy accuracy >= 0.9 with format rate >= 0.95 (the untrained model: no format, no right answer).
@@ -243,6 +243,101 @@ def test_lora_and_frozen_vision_train_the_right_weights(sft_run, tmp_path):
     fv = load_file(tmp_path / "fv" / "model.safetensors")
     assert all(torch.equal(base[k], fv[k]) for k in base if "visual" in k)
     assert any(not torch.equal(base[k], fv[k]) for k in base if k.startswith("model.layers."))
+
+
+def _bytes(folder) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_other_settings_are_refused(sft_run, tmp_path, capsys):
+    """A finished grpo run rerun as it was: no step trained, RUN_DIR unchanged (trl's GRPOTrainer, resumed at
+    --max-steps mid-epoch, trained one step more); rerun with another --lr, or as another stage on an SFT
+    RUN_DIR: refused, one line naming what differs. `vlm eval` of the run generates its completion length."""
+    from vlm.cli import main
+
+    d, _ = sft_run
+    out = tmp_path / "g"
+    args = ["-q", "train", "--stage", "grpo", "--data", str(d / "train.jsonl"), "--model", str(d / "sft"), "--out",
+            str(out), "--max-steps", "1", "--max-completion-length", "12", "--reward-weights", "0.2,0.8"]
+    assert main(args) == 0
+    weights, summary = _bytes(out), (out / "train_summary.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "this grpo run is finished (1 steps); nothing trained or changed" in capsys.readouterr().out
+    assert _bytes(out) == weights and (out / "train_summary.json").read_text() == summary
+    assert main([*args, "--lr", "0.002"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]           # the error: one line, after the logs
+    assert err.startswith("vlm: ") and "holds a grpo run with other settings or data (--lr: 0.0003 -> 0.002)" in err
+    sft_args = ["train", "--stage", "grpo", "--data", str(d / "train.jsonl"), "--model", str(d / "tiny"), "--out",
+                str(d / "sft"), "--max-steps", "101"]
+    assert main(sft_args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vlm: ") and "holds a sft run with other settings or data (stage: 'sft' -> 'grpo'" in err
+    assert main(["-q", "eval", "--model", str(out), "--data", str(d / "test.jsonl"), "--out", str(tmp_path / "r.json"),
+                 "--limit", "2"]) == 0
+    cfg = json.loads((tmp_path / "r.json").read_text())["config"]
+    assert cfg["max_new_tokens"] == 12 and cfg["reward_weights"] == [0.2, 0.8]
+    assert cfg["run_settings_from"] == str(out / "train_summary.json")
+
+
+def test_lora_runs_resume_from_the_adapter_and_a_last_checkpoint_completes_without_a_step(sft_run, tmp_path):
+    """trl's checkpoints of a LoRA run hold the adapter (no config.json): a rerun loads the model, then the
+    adapter. A checkpoint already at --max-steps (RUN_DIR not written yet) gives RUN_DIR without a step."""
+    from safetensors.torch import load_file
+
+    from vlm.train import train
+
+    d, _ = sft_run
+    out, kw = tmp_path / "lora", dict(lora=(4, 8), save_steps=1, progress=False)
+    train("sft", d / "train.jsonl", d / "tiny", out, max_steps=1, **kw)
+    ckpt = out / "checkpoints" / "checkpoint-1"
+    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "config.json").exists()
+    first = load_file(out / "model.safetensors")
+    (out / "train_summary.json").unlink()                           # as if stopped while writing RUN_DIR
+    (out / "model.safetensors").unlink()
+    s = train("sft", d / "train.jsonl", d / "tiny", out, max_steps=1, **kw)
+    assert s["steps"] == 1 and s["resumed_from"] == str(ckpt) and len([e for e in s["log"] if "loss" in e]) == 1
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)      # the adapter of step 1, merged again
+    s = train("sft", d / "train.jsonl", d / "tiny", out, max_steps=2, **kw)
+    assert s["steps"] == 2 and s["resumed_from"] == str(ckpt)
+    losses = [e["loss"] for e in s["log"] if "loss" in e]
+    assert len(losses) == 2
+    assert json.loads((out / "run.json").read_text())["settings"]["lora"] == [4, 8]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_run_that_failed_before_its_first_step_accepts_the_corrected_retry(sft_run, tmp_path, capsys):
+    """`--device cuda` without a GPU: one line, before anything is trained; the retry on the same folder runs.
+    Where to run (--device) is not the run's identity: a finished run asked again on another device is
+    finished, not refused."""
+    from vlm.cli import main
+
+    d, _ = sft_run
+    args = ["-q", "train", "--stage", "sft", "--data", str(d / "train.jsonl"), "--model", str(d / "tiny"), "--out",
+            str(tmp_path / "r"), "--max-steps", "1", "--save-steps", "1"]
+    assert main([*args, "--device", "cuda", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vlm: ") and "device 'cuda:0' asked for, but torch sees no CUDA GPU; use --device cpu" in err
+    assert main([*args, "--device", "cpu"]) == 0
+    assert main([*args, "--device", "auto"]) == 0
+    assert "this sft run is finished (1 steps)" in capsys.readouterr().out
+
+
+def test_the_caption_stage_has_its_own_prompt():
+    """Captions are trained under a system prompt that asks for a description, not <think>/<answer>."""
+    from vlm.prompts import CAPTION_QUESTION, CAPTION_SYSTEM_PROMPT, SYSTEM_PROMPT
+    from vlm.train import example
+
+    row = {"images": ["t.png"], "caption": "Crowded atypical nuclei.", "question": "Which?", "options": ["a", "b"],
+           "answer": "A", "reasoning": "r"}
+    cap = example(row, "caption")
+    assert cap["prompt"][0]["content"][0]["text"] == CAPTION_SYSTEM_PROMPT
+    assert "<think>" not in CAPTION_SYSTEM_PROMPT and "<answer>" not in CAPTION_SYSTEM_PROMPT
+    assert cap["prompt"][1]["content"] == [{"type": "image"}, {"type": "text", "text": CAPTION_QUESTION}]
+    assert cap["completion"][0]["content"][0]["text"] == "Crowded atypical nuclei."
+    assert example(row, "sft")["prompt"][0]["content"][0]["text"] == SYSTEM_PROMPT
+    assert len(example(row, "caption", system=None)["prompt"]) == 1          # no system turn asked for
 
 
 @pytest.fixture(scope="module")

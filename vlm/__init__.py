@@ -1,7 +1,8 @@
-"""pathmil's `vlm`: the pathology reasoner of issue 11 (Patho-R1 / PathVLM-R1 on trl).
+"""pathmil's `vlm`: the pathology reasoner (Patho-R1 / PathVLM-R1 on trl).
 
 - prompts: the one prompt builder every stage uses: Patho-R1's `SYSTEM_PROMPT`, `format_question`,
-  `build_messages` (trl's conversational VLM format), `sft_target`, `parse_completion`.
+  `build_messages` (trl's conversational VLM format; a caption mode for the caption stage, whose system
+  prompt asks for no tags), `sft_target`, `parse_completion`, `template_prefills_think`.
 - rewards: GRPO/DAPO rewards in trl's signature: `format_reward` / `make_format_reward` (pre-filled
   `<think>` templates too), `accuracy_reward` (MCQ letter + option text, open questions by exact match /
   token F1), `combined_reward` (0.1 format + 0.9 accuracy), `parse_reward_weights`.
@@ -23,7 +24,8 @@
   contrastive margin) in [0, 1]; no reasoning: 0.
 - evaluate (`vlm eval --model M --data mcq.jsonl --out RESULT.json`): batched generation over MCQ / open
   rows, each scored with the training rewards (`score_completions`, `summarize`, `evaluate`): accuracy,
-  format rate, mean reward and PathMMU-style per-item records.
+  format rate, mean reward and PathMMU-style per-item records; generation length and reward weights default
+  to the evaluated run's own (`run_generation`).
 - ask (`vlm ask --store S --slide ID --question Q --model M --run NAME | --clip RUN_DIR`): the slide's top-k
   tiles by a MIL run's stored instance scores (from the store, never `mil`) or by PathoCLIP similarity to
   the question (`select_tiles`), one multi-image prompt (`ask`), a montage of the tiles (`save_montage`).
@@ -35,6 +37,9 @@
   checkpointing / threads, resume (weights from safetensors, trainer state with weights_only), several
   processes under accelerate / torchrun (RUN_DIR written by the main process; configs in
   configs/accelerate/) (`train`, `resolve_settings`, `build_dataset`).
+- run_state: what a `vlm train` rerun does with RUN_DIR (`plan_run`): run.json records the stage, model,
+  data digest and settings; another run is refused by name, a finished one left as it is, a LoRA checkpoint
+  resumed as the model plus its adapter (`start_model`).
 - reward_set: the reward functions and weights of a grpo / dapo run (`reward_names`, `reward_functions`;
   `recorded_settings`: the settings as run files hold them, the judge URL as a digest).
 - dynamic: DAPO's dynamic sampling as a GRPOTrainer subclass (`DynamicSamplingTrainer`,

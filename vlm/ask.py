@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .prompts import SYSTEM_PROMPT, VlmError, build_messages, parse_completion
+from .prompts import SYSTEM_PROMPT, VlmError, build_messages, parse_completion, template_prefills_think
 
 
 def _open(store: Any):
@@ -132,8 +132,6 @@ def ask(store: Any, slide: str, question: str, model: Any, *, run: str | None = 
         net, processor = model
     else:
         net, processor = load_model(model, device=device)
-    from .evaluate import template_prefills_think
-
     completion = generate(net, processor, [build_messages(row, len(images), system)], [images],
                           max_new_tokens=max_new_tokens, temperature=temperature)[0]
     parsed = parse_completion(completion, template_prefills_think(processor, system))

@@ -1,4 +1,4 @@
-"""`vlm`: the pathology reasoner of issue 11 (Qwen2.5-VL / Patho-R1 on trl).
+"""`vlm`: the pathology reasoner (Qwen2.5-VL / Patho-R1 on trl).
 
 Every command is a thin layer over the Python API (vlm.tiny, vlm.data, vlm.train, vlm.evaluate, vlm.ask). Errors a
 user can cause end as one line and exit status 2 (the traceback with -v).
@@ -49,6 +49,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
               device=a.device, progress=not a.quiet)
     if int(os.environ.get("RANK", "0")):
         return 0                        # under accelerate / torchrun, the main process reports
+    if s.get("already_finished"):
+        print(f"{a.out}: this {a.stage} run is finished ({s['steps']} steps); nothing trained or changed (a larger "
+              "--max-steps or --epochs trains on)")
+        return 0
     losses = [e["loss"] for e in s["log"] if "loss" in e]
     rewards = [e["reward"] for e in s["log"] if e.get("reward") is not None]   # None: no group kept (dapo)
     what = (f"reward {rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else
@@ -61,9 +65,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .rewards import parse_reward_weights
 
+    weights = parse_reward_weights(a.reward_weights) if a.reward_weights else None     # None: the run's
     r = evaluate(a.model, a.data, a.out, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                 temperature=a.temperature, weights=parse_reward_weights(a.reward_weights), limit=a.limit, seed=a.seed,
-                 device=a.device, progress=not a.quiet)
+                 temperature=a.temperature, weights=weights, limit=a.limit, seed=a.seed, device=a.device,
+                 progress=not a.quiet)
     m = r["metrics"]
     print(f"{m['n']} questions: accuracy {m['accuracy']:.3f}, format rate {m['format_rate']:.3f}, mean reward "
           f"{m['mean_reward']:.3f}; per-item answers in {a.out}")
@@ -114,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("train", help="train a stage: caption / sft (trl SFTTrainer), grpo / dapo (GRPOTrainer)",
                        description="Trains one stage on a JSONL file (`vlm data` writes them) and writes RUN_DIR, a "
-                                   "model folder that every --model accepts; a rerun resumes from RUN_DIR/checkpoints. "
+                                   "model folder that every --model accepts. A rerun resumes from RUN_DIR/checkpoints, "
+                                   "leaves a finished run as it is, and refuses another stage, data or settings. "
                                    "Unset flags come from the model folder's pathmil_defaults.json (vlm make-tiny "
                                    "writes one), else defaults for real 3B/7B checkpoints.")
     r.add_argument("--stage", required=True, choices=("caption", "sft", "grpo", "dapo"))
@@ -169,10 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=Path, required=True, help="the questions (JSONL, as mcq.jsonl of `vlm data`)")
     e.add_argument("--out", type=Path, required=True, help="RESULT.json to write")
     e.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
-    e.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the run's --max-completion-length (its train_summary.json), else the model "
+                        "folder's grpo default (pathmil_defaults.json), else 1024")
     e.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled")
-    e.add_argument("--reward-weights", default="0.1,0.9", help="format,accuracy weights of the reward "
-                                                               "(default: Patho-R1's 0.1,0.9)")
+    e.add_argument("--reward-weights", default=None, help="format,accuracy weights of the reward (default: the "
+                                                          "run's, else Patho-R1's 0.1,0.9)")
     e.add_argument("--limit", type=int, default=None, help="only the first N questions")
     e.add_argument("--seed", type=int, default=0, help="the sampling seed when --temperature > 0 (default: 0)")
     e.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")

@@ -11,11 +11,17 @@ Per item (PathMMU-style: one entry per question, with the model's raw response a
 - reward: `rewards.combined_reward` with the run's weights (Patho-R1's 0.1 format + 0.9 accuracy).
 Metrics: n, accuracy (fraction correct), format_rate, mean_reward, mean_accuracy_score.
 
+Generation defaults to the evaluated run's own settings (`run_generation`): as many new tokens as its
+GRPO / DAPO completions had (RUN_DIR/train_summary.json), else the model folder's GRPO default
+(pathmil_defaults.json, else 1,024), and the run's format / accuracy reward weights; decoding is greedy
+unless --temperature is given.
+
 When the chat template pre-fills `<think>` in the generation prompt (trl #6966), completions start inside
-the block; `template_prefills_think` sees that and the format check accounts for it.
+the block; `prompts.template_prefills_think` sees that and the format check accounts for it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from datetime import datetime, timezone
@@ -24,17 +30,35 @@ from typing import Any, Mapping, Sequence
 
 from wsi.runtime import atomic_write_json
 
-from .prompts import SYSTEM_PROMPT, THINK_OPEN, VlmError, build_messages, parse_completion
+from .prompts import SYSTEM_PROMPT, VlmError, build_messages, parse_completion, template_prefills_think
 from .rewards import PATHO_R1_WEIGHTS, accuracy_reward, combined_reward, format_reward, mcq_choice
 
 log = logging.getLogger(__name__)
 
 
-def template_prefills_think(processor: Any, system: str | None = SYSTEM_PROMPT) -> bool:
-    """True when the processor's chat template ends the generation prompt with `<think>`."""
-    msgs = build_messages({"question": "?"}, 0, system)
-    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return str(text).rstrip().endswith(THINK_OPEN)
+def run_generation(model: Any) -> dict[str, Any]:
+    """{"max_new_tokens", "reward_weights", "from"}: how the run in `model` (a folder, hub id, or a loaded
+    pair whose config names its folder) generated and weighted its rewards in training. A grpo / dapo
+    RUN_DIR: its train_summary.json; anything else: the GRPO settings `vlm train` would use for it
+    (pathmil_defaults.json of the folder, else the defaults for real checkpoints) and Patho-R1's weights."""
+    from .run_state import SUMMARY_FILE
+    from .train import DEFAULTS, resolve_settings
+
+    if isinstance(model, (tuple, list)):
+        model = getattr(getattr(model[0], "config", None), "_name_or_path", None)
+    folder = Path(str(model)).expanduser() if model else None
+    is_dir = folder is not None and folder.is_dir()
+    summary = folder / SUMMARY_FILE if is_dir else None
+    if summary is not None and summary.is_file():
+        s = json.loads(summary.read_text())
+        settings = s.get("settings") or {}
+        if s.get("stage") in ("grpo", "dapo") and settings.get("max_completion_length"):
+            return {"max_new_tokens": int(settings["max_completion_length"]),
+                    "reward_weights": [float(w) for w in settings.get("reward_weights", PATHO_R1_WEIGHTS)[:2]],
+                    "from": str(summary)}
+    tokens = resolve_settings("grpo", folder, {}) if is_dir else DEFAULTS["grpo"]
+    return {"max_new_tokens": int(tokens["max_completion_length"]), "reward_weights": list(PATHO_R1_WEIGHTS),
+            "from": "the grpo defaults of the model folder" if is_dir else "the grpo defaults"}
 
 
 def score_completions(completions: Sequence[str], rows: Sequence[Mapping[str, Any]], *,
@@ -71,17 +95,18 @@ def summarize(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: str | Path | None = None, *,
-             batch_size: int = 8, max_new_tokens: int = 256, temperature: float = 0.0,
-             system: str | None = SYSTEM_PROMPT, weights: Sequence[float] = PATHO_R1_WEIGHTS,
+             batch_size: int = 8, max_new_tokens: int | None = None, temperature: float = 0.0,
+             system: str | None = SYSTEM_PROMPT, weights: Sequence[float] | None = None,
              limit: int | None = None, seed: int | None = 0, device: str = "auto",
              progress: bool = True) -> dict[str, Any]:
     """Answer every row of `data` and score it; write RESULT.json to `out` when given.
 
     model: a model folder or hub id (`model.load_model`), or a loaded (model, processor) pair. data: an
     eval JSONL file (`data.read_jsonl(path, "eval")`: bad lines skipped and reported) or rows already
-    read (images absolute or store references). Generation is batched (`model.generate`, left-padded),
-    greedy at temperature 0; sampled at temperature > 0 from torch's generator seeded with `seed` (None:
-    not seeded). Returns {"model", "data", "config", "metrics", "items", "created"}."""
+    read (images absolute or store references). max_new_tokens / weights None: the run's own
+    (`run_generation`). Generation is batched (`model.generate`, left-padded), greedy at temperature 0;
+    sampled at temperature > 0 from torch's generator seeded with `seed` (None: not seeded). Returns
+    {"model", "data", "config", "metrics", "items", "created"}."""
     import torch
     from tqdm.auto import tqdm
 
@@ -90,6 +115,9 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
 
     if batch_size < 1:
         raise VlmError(f"--batch-size {batch_size}: give a number >= 1")
+    own = run_generation(model)
+    max_new_tokens = int(own["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
+    weights = own["reward_weights"] if weights is None else list(weights)
     if max_new_tokens < 1:
         raise VlmError(f"--max-new-tokens {max_new_tokens}: give a number >= 1")
     source = None
@@ -124,7 +152,8 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
         items[k]["images"] = row.get("images") or []
     result = {"model": name, "data": {"file": source, "n": len(rows), "dropped_lines": [list(d) for d in dropped]},
               "config": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                         "seed": seed, "system": system, "reward_weights": list(weights), "prefilled_think": prefilled},
+                         "seed": seed, "system": system, "reward_weights": list(weights), "prefilled_think": prefilled,
+                         "run_settings_from": own["from"]},
               "metrics": summarize(items), "items": items,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if out is not None:
@@ -137,4 +166,4 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
     return result
 
 
-__all__ = ["template_prefills_think", "score_completions", "summarize", "evaluate"]
+__all__ = ["run_generation", "score_completions", "summarize", "evaluate"]

@@ -14,19 +14,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from wsi.errors import EncoderError
+from wsi.runtime import resolve_device
 
 from .prompts import VlmError
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str = "auto") -> str:
-    """"auto": "cuda" when a GPU is visible, else "cpu"; anything else is returned as given."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def resolve_dtype(dtype: str | Any = "auto", device: str = "cpu"):
@@ -76,7 +68,11 @@ def model_source(model: str | Path) -> str:
 def load_model(model: str | Path, *, dtype: str | Any = "auto", device: str = "auto",
                trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, processor): `AutoModelForImageTextToText` and `AutoProcessor` from a model folder or a hub id
-    (see `model_source`), in bf16 on a GPU and fp32 on a CPU by default, on `device`, in eval mode."""
+    (see `model_source`), in bf16 on a GPU and fp32 on a CPU by default, on `device`, in eval mode.
+
+    `device` goes through `wsi.runtime.resolve_device`: "auto" / "cuda" under torchrun or accelerate mean this
+    process's GPU (cuda:$LOCAL_RANK), so ranks never all load onto GPU 0; a GPU asked for where there is none
+    is a PathmilError, before anything is read."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     source = model_source(model)
@@ -146,4 +142,4 @@ def generate(model: Any, processor: Any, messages_batch: Sequence[list[dict]],
     return tok.batch_decode(new, skip_special_tokens=True)
 
 
-__all__ = ["resolve_device", "resolve_dtype", "model_source", "load_model", "generate"]
+__all__ = ["resolve_dtype", "model_source", "load_model", "generate"]

@@ -1,8 +1,8 @@
-"""The one prompt builder of the reasoner: sft (MCQ rows), grpo, dapo, eval and ask all call it, so a model
-is trained and asked with the same system prompt and the same question layout (a tiny model trained on one
-prompt and evaluated on another copies the tags instead of answering).
+"""The one prompt builder of the reasoner: caption (its own mode), sft (MCQ rows), grpo, dapo, eval and ask
+all call it, so a model is trained and asked with the same system prompt and the same question layout (a tiny
+model trained on one prompt and evaluated on another copies the tags instead of answering).
 
-Rows (JSONL, see issue 11): `{"images": [...], "question": "...", "options": ["...", ...], "answer": "B"}`;
+Rows (JSONL): `{"images": [...], "question": "...", "options": ["...", ...], "answer": "B"}`;
 open questions have no options and `answer` is the text; SFT rows add `"reasoning"`.
 
 The answer of an MCQ row may be written "B", "b", "(B)", "B." or as the exact text of one option; it is
@@ -20,6 +20,11 @@ from wsi.errors import PathmilError
 
 SYSTEM_PROMPT = ("You are a pathology expert, your task is to answer question step by step. Use the following "
                  "format: <think> Your step-by-step reasoning </think><answer> Your final answer </answer>")
+# The caption stage: plain descriptions, under a system prompt that asks for no tags (training captions under
+# SYSTEM_PROMPT would teach the model that the <think>/<answer> format it demands can be ignored).
+CAPTION_SYSTEM_PROMPT = "You are a pathology expert, your task is to describe the tissue in the image in plain words."
+CAPTION_QUESTION = "Describe this tile."
+MODES = ("reason", "caption")
 LETTERS = string.ascii_uppercase
 
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
@@ -43,10 +48,20 @@ def format_question(question: str, options: Sequence[str] | None = None) -> str:
     return question + "\n" + "\n".join(lines)
 
 
-def build_messages(row: Mapping[str, Any], n_images: int, system: str | None = SYSTEM_PROMPT) -> list[dict]:
+def build_messages(row: Mapping[str, Any], n_images: int, system: str | None = SYSTEM_PROMPT, *,
+                   mode: str = "reason") -> list[dict]:
     """trl's conversational prompt for a vision-language model: a system turn (left out when `system` is
     None or empty) and a user turn whose content is `n_images` {"type": "image"} entries, then the question
-    as {"type": "text"}. The images themselves travel in the row's `images` column, in the same order."""
+    as {"type": "text"}. The images themselves travel in the row's `images` column, in the same order.
+
+    mode "reason" (every stage but caption): the question (and options) of `row` under `system`.
+    mode "caption": a plain description: the system turn is `CAPTION_SYSTEM_PROMPT` (no <think>/<answer>
+    demanded; `system` None or empty still leaves it out) and the question defaults to `CAPTION_QUESTION`."""
+    if mode not in MODES:
+        raise VlmError(f"prompt mode {mode!r}: give one of {', '.join(MODES)}")
+    if mode == "caption":
+        row = {"question": CAPTION_QUESTION, **{k: v for k, v in row.items() if v}}
+        system = CAPTION_SYSTEM_PROMPT if system else None
     if "question" not in row or not str(row["question"]).strip():
         raise VlmError("a row has no 'question'; MCQ and open rows need {\"question\": ..., \"answer\": ...}")
     if n_images < 0:
@@ -58,6 +73,14 @@ def build_messages(row: Mapping[str, Any], n_images: int, system: str | None = S
         messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
     messages.append({"role": "user", "content": user})
     return messages
+
+
+def template_prefills_think(processor: Any, system: str | None = SYSTEM_PROMPT) -> bool:
+    """True when the processor's chat template ends the generation prompt with `<think>` (trl #6966): the
+    completions then start inside the block, and the format check must account for it."""
+    msgs = build_messages({"question": "?"}, 0, system)
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return str(text).rstrip().endswith(THINK_OPEN)
 
 
 def letter_of(text: str, n_options: int) -> str | None:
@@ -154,5 +177,6 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-__all__ = ["SYSTEM_PROMPT", "LETTERS", "VlmError", "format_question", "build_messages", "letter_of",
-           "answer_letter", "sft_target", "parse_completion", "normalize_text"]
+__all__ = ["SYSTEM_PROMPT", "CAPTION_SYSTEM_PROMPT", "CAPTION_QUESTION", "MODES", "LETTERS", "VlmError",
+           "format_question", "build_messages", "template_prefills_think", "letter_of", "answer_letter", "sft_target",
+           "parse_completion", "normalize_text"]

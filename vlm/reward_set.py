@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Mapping, Sequence
 
-from .prompts import SYSTEM_PROMPT, VlmError
+from .prompts import SYSTEM_PROMPT, VlmError, template_prefills_think
 
 # A process reward (grounding, judge) counts half a right answer unless --reward-weights says otherwise.
 PROCESS_WEIGHT = 0.5
@@ -56,7 +56,6 @@ def reward_functions(stage: str, processor: Any, s: Mapping[str, Any], system: s
     of negatives drawn from the training `rows`; judge), with `s["reward_weights"]` (two values: the
     process rewards get `PROCESS_WEIGHT` each); dapo adds trl's soft overlong punishment (weight 1, cache a
     fifth of the completion length, DAPO's 4k of 20k)."""
-    from .evaluate import template_prefills_think
     from .rewards import accuracy_reward, make_format_reward
 
     names = reward_names(s)

@@ -1,9 +1,10 @@
 """`vlm train --stage caption|sft|grpo|dapo --data FILE.jsonl --model M --out RUN_DIR`: the reasoner's three
-training stages on trl (issue 11).
+training stages on trl.
 
 - caption / sft: trl `SFTTrainer` on conversational prompt-completion rows (prompt: `prompts.build_messages`,
-  the same system prompt as every other stage; completion: the caption, `prompts.sft_target`, or the last
-  assistant turn of a "messages" row). The loss is on the completion only (trl's `completion_only_loss`:
+  the caption stage in its caption mode, whose system prompt asks for a plain description, sft under the same
+  system prompt as every later stage; completion: the caption, `prompts.sft_target`, or the last assistant
+  turn of a "messages" row). The loss is on the completion only (trl's `completion_only_loss`:
   the prompt, image tokens included, is masked in the labels); this works with any chat template, while
   `assistant_only_loss` needs `{% generation %}` markers that the real Qwen2.5-VL template lacks and
   transformers >= 5.18 for images. `max_length=None`: truncation would cut image tokens (trl #5927).
@@ -15,14 +16,17 @@ training stages on trl (issue 11).
   reward (weight 1).
 
 Settings come from the flags, else the model folder's `pathmil_defaults.json` (`vlm make-tiny` writes one),
-else `DEFAULTS` (for real 3B/7B models). Device: bf16 and gradient checkpointing on a GPU; fp32, no
-checkpointing and one torch thread on a CPU of <= 2 cores (issue 11 measured bf16 / checkpointing 2-4x and
+else `DEFAULTS` (for real 3B/7B models). Device (`wsi.runtime.resolve_device`: under accelerate / torchrun
+each process loads onto its own GPU, cuda:$LOCAL_RANK): bf16 and gradient checkpointing on a GPU; fp32, no
+checkpointing and one torch thread on a CPU of <= 2 cores (measured: bf16 / checkpointing 2-4x and
 two threads 4-14x slower there). LoRA (`lora=(r, alpha)`, peft) goes on the language model's linear layers
 and is merged into the weights at the end, so RUN_DIR is always a plain model folder that every `--model`
 accepts (safetensors, the processor, the defaults file, train_summary.json); checkpoints live in
-RUN_DIR/checkpoints and a rerun resumes from the last one: its weights from safetensors, the optimizer,
-scheduler and RNG state through transformers' torch.load(weights_only=True), which refuses a pickle that
-would run code (a VlmError naming the checkpoint).
+RUN_DIR/checkpoints. A rerun on RUN_DIR (`run_state`): refused when RUN_DIR holds another stage, model, data or
+settings (one line naming what differs); nothing done when it is finished; else it resumes from the last
+checkpoint: LoRA runs load the model, then the checkpoint's adapter; full runs the checkpoint's safetensors;
+the optimizer, scheduler and RNG state through transformers' torch.load(weights_only=True), which refuses a
+pickle that would run code (a VlmError naming the checkpoint). A folder with no checkpoint starts afresh.
 """
 from __future__ import annotations
 
@@ -35,14 +39,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from wsi.runtime import atomic_write_json
+from wsi.runtime import atomic_write_json, dist_info, resolve_device
 
 from .prompts import SYSTEM_PROMPT, VlmError, build_messages, sft_target
+from .run_state import RUN_FILE, SUMMARY_FILE, plan_run, run_identity, start_model
 
 log = logging.getLogger(__name__)
 
 STAGES = ("caption", "sft", "grpo", "dapo")
-CAPTION_QUESTION = "Describe this tile."
 # For real checkpoints (Qwen2.5-VL-3B/7B, Patho-R1): PathVLM-R1 / Patho-R1 scale settings.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "caption": {"lr": 2e-5, "batch_size": 4, "epochs": 1},
@@ -162,13 +166,12 @@ def parse_lora(text: str | None) -> tuple[int, int] | None:
 
 
 def setup_device(device: str = "auto") -> dict[str, Any]:
-    """Precision, checkpointing and threads for `device`: {"device", "bf16", "gradient_checkpointing",
-    "threads"}. On a CPU of <= 2 cores torch gets one thread (set here, for the run)."""
+    """Precision, checkpointing and threads for `device` (`wsi.runtime.resolve_device`: this process's GPU
+    under torchrun): {"device", "bf16", "gradient_checkpointing", "threads"}. On a CPU of <= 2 cores torch
+    gets one thread (set here, for the run)."""
     import torch
 
-    from .model import resolve_device
-
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))
     gpu = dev.startswith("cuda")
     threads = torch.get_num_threads()
     if not gpu and (os.cpu_count() or 1) <= 2:
@@ -204,7 +207,7 @@ def example(row: Mapping[str, Any], stage: str, system: str | None = SYSTEM_PROM
     n = len(row.get("images") or [])
     if stage == "caption":
         target = row["caption"]
-        prompt = build_messages({"question": CAPTION_QUESTION}, n, system)
+        prompt = build_messages({}, n, system, mode="caption")
     elif stage == "sft" and "messages" in row:
         prompt, last = _with_system(row["messages"][:-1], n, system), row["messages"][-1]["content"]
         target = last if isinstance(last, str) else "".join(c.get("text", "") for c in last)
@@ -266,12 +269,6 @@ def _checkpointing_field() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
-def _last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
 def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, epochs: int | None = None,
           max_steps: int | None = None, lr: float | None = None, batch_size: int | None = None,
           grad_accum: int | None = None, num_generations: int | None = None,
@@ -286,12 +283,12 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
     """Train one stage on a JSONL file (`data.read_jsonl(data, stage)`) from `model` (a folder or hub id)
     and write RUN_DIR `out` (module docstring). Returns the summary also written to out/train_summary.json:
     stage, settings, device, rows, steps, seconds, log (trl's log history: loss per step for caption/sft,
-    reward, rewards/<func>/mean, dynamic_sampling/* for grpo/dapo)."""
+    reward, rewards/<func>/mean, dynamic_sampling/* for grpo/dapo). A finished RUN_DIR is left as it is:
+    its summary is returned with "already_finished": True."""
     import torch
     from transformers import set_seed
 
     from .data import read_jsonl
-    from .model import load_model
 
     overrides = dict(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                      num_generations=num_generations, max_completion_length=max_completion_length,
@@ -306,21 +303,25 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
     if out.is_file():
         raise VlmError(f"{out}: is a file; give a folder for the run")
     ckpt_dir = out / "checkpoints"
-    resume = _last_checkpoint(ckpt_dir)
     rows = read_jsonl(data, stage)
+    identity = run_identity(stage, model, data, s, system)
+    plan = plan_run(out, identity, s)
+    if plan.action == "finished":
+        log.info("%s: finished (%s steps); nothing changed", out, plan.summary.get("steps"))
+        return {**plan.summary, "already_finished": True}
+    resume = plan.checkpoint
     dev = setup_device(device)
+    if plan.action == "fresh" and dist_info()[0] == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_FILE, identity)      # what a rerun is checked against
     set_seed(int(s["seed"]))
-    net, processor = load_model(model, device=dev["device"])
-    if resume:
-        # transformers 5's Trainer reads a checkpoint's safetensors without the Qwen2.5-VL key conversion
-        # (saved "visual.*" / "model.layers.*", expected "model.visual.*" / "model.language_model.*"): it
-        # loads nothing and only warns. from_pretrained converts, so the weights come from the checkpoint
-        # here; the Trainer then restores the optimizer, scheduler and step.
-        net = load_model(resume, device=dev["device"])[0]
+    net, processor, adapter = start_model(model, resume, dev["device"])
     net.train()
-    net = _prepare_model(net, s)
+    if not adapter:
+        net = _prepare_model(net, s)
     dataset = build_dataset(rows.rows, stage, Path(data).parent, system)
-    common = dict(output_dir=str(ckpt_dir), learning_rate=float(s["lr"]), per_device_train_batch_size=int(s["batch_size"]),
+    common = dict(output_dir=str(ckpt_dir), learning_rate=float(s["lr"]),
+                  per_device_train_batch_size=int(s["batch_size"]),
                   gradient_accumulation_steps=int(s["grad_accum"]), num_train_epochs=float(s["epochs"]),
                   max_steps=int(s["max_steps"]), seed=int(s["seed"]), logging_steps=1, report_to="none",
                   save_strategy="steps", save_steps=int(s["save_steps"]), save_total_limit=1,
@@ -340,7 +341,12 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
     _refuse_zero3(trainer)
     _bar_not_lines(trainer, progress)
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        if plan.action == "complete":        # the checkpoint holds the last step: only RUN_DIR is left to write
+            from transformers import TrainerState
+
+            trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=resume)
     except pickle.UnpicklingError as exc:
         # transformers reads the optimizer / scheduler / RNG state with torch.load(weights_only=True): a file
         # that holds more than tensors and plain containers is refused, never run
@@ -351,13 +357,13 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
     from .reward_set import recorded_settings
 
     summary = _save_run(trainer, processor, model, out, s)
-    summary.update({"stage": stage, "model": str(model), "data": str(data), "rows": len(rows),
+    summary.update({"stage": stage, "model": str(model), "data": str(data), "system": system, "rows": len(rows),
                     "dropped_lines": [list(d) for d in rows.dropped],
                     "settings": recorded_settings(s),
                     "device": dev, "resumed_from": resume, "steps": int(trainer.state.global_step),
                     "seconds": round(seconds, 2), "torch": torch.__version__, "log": trainer.state.log_history})
     if trainer.is_world_process_zero():
-        atomic_write_json(out / "train_summary.json", summary)
+        atomic_write_json(out / SUMMARY_FILE, summary)
     log.info("%s: %d steps in %.1f s; model folder %s", stage, summary["steps"], seconds, out)
     return summary
 
@@ -386,5 +392,5 @@ def _grpo_trainer(stage: str, net: Any, processor: Any, dataset: Any, s: Mapping
     return GRPOTrainer(model=net, args=args, train_dataset=dataset, processing_class=processor, reward_funcs=funcs)
 
 
-__all__ = ["STAGES", "DEFAULTS", "CAPTION_QUESTION", "resolve_settings", "parse_lora", "setup_device", "example",
+__all__ = ["STAGES", "DEFAULTS", "resolve_settings", "parse_lora", "setup_device", "example",
            "build_dataset", "train"]
