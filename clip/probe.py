@@ -103,7 +103,9 @@ def cached_features(store: TileStore | str | Path, encoder: str, slides: Sequenc
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    from sklearn.preprocessing import normalize
+
+    return normalize(x)
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:

@@ -34,3 +34,18 @@ def test_no_package_imports_another_packages_private_names():
 def test_mil_never_imports_clip_or_vlm():
     bad = [f"{p.relative_to(ROOT)}: {m}" for p, m, _ in _imports("mil") if m.split(".")[0] in ("clip", "vlm")]
     assert not bad, bad
+
+
+def _sources():
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            yield path.relative_to(ROOT).as_posix(), path.read_text()
+
+
+def test_one_auc_and_one_l2_normalisation():
+    """AUC is computed by wsi.metrics only; numpy vectors are L2-normalised by sklearn's `normalize`
+    (torch tensors inside models keep F.normalize), not by copies of the division."""
+    auc = [p for p, src in _sources() if "roc_auc_score" in src]
+    assert auc == ["wsi/metrics.py"], auc
+    copies = [p for p, src in _sources() if "np.maximum(np.linalg.norm(" in src]
+    assert not copies, copies
