@@ -17,6 +17,7 @@ import torch
 from sklearn.preprocessing import normalize
 
 from wsi.errors import PathmilError
+from wsi.paths import open_data_file
 from wsi.runtime import autocast, resolve_device, resolve_precision
 from wsi.store import TILE_CHUNK, TileStore
 
@@ -142,13 +143,13 @@ def rank_tiles(enc, store: TileStore | str | Path, slide: str, query: np.ndarray
     return idx, scores
 
 
-def _square(path: Path, side: int) -> np.ndarray:
+def _square(path: str, side: int) -> np.ndarray:
     """An image file as uint8 (side, side, 3): the centre square, resized (open_clip's resize +
     centre crop, done in PIL so files of any size batch together)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with open_data_file(path) as f, Image.open(f) as im:
             im = im.convert("RGB")
             w, h = im.size
             s = min(w, h)
@@ -160,13 +161,14 @@ def _square(path: Path, side: int) -> np.ndarray:
 
 def embed_files(enc, paths: Sequence[str | Path], batch_size: int = 64, device: str | torch.device = "auto",
                 progress: bool = True, *, precision: str = "auto") -> np.ndarray:
-    """Image embeddings of image files -> (N, E) float32, L2-normalised."""
+    """Image embeddings of image files (local paths, or URLs a captions CSV was allowed) -> (N, E) float32,
+    L2-normalised."""
     dev = place(enc, device)
     side = enc.spec.resize or enc.spec.input_size
 
     def batches():
         for i in range(0, len(paths), batch_size):
-            yield torch.from_numpy(np.stack([_square(Path(p), side) for p in paths[i:i + batch_size]]))
+            yield torch.from_numpy(np.stack([_square(str(p), side) for p in paths[i:i + batch_size]]))
 
     return _encode_batches(enc, batches(), dev, precision, len(paths), progress, f"embed files [{enc.spec.name}]")
 

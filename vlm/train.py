@@ -280,8 +280,9 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
           max_tries: int | None = None, grounding: str | Path | None = None, judge_url: str | None = None,
           judge_model: str | None = None, judge_key_env: str | None = None, judge_timeout: float | None = None,
           vllm: str | None = None, system: str | None = SYSTEM_PROMPT, device: str = "auto",
-          progress: bool = True) -> dict[str, Any]:
-    """Train one stage on a JSONL file (`data.read_jsonl(data, stage)`) from `model` (a folder or hub id)
+          progress: bool = True, data_root: str | Path | None = None, allow_remote: bool = False) -> dict[str, Any]:
+    """Train one stage on a JSONL file (`data.read_jsonl(data, stage)`, its image paths under `data_root`,
+    URLs only with `allow_remote`) from `model` (a folder or hub id)
     and write RUN_DIR `out` (module docstring). Returns the summary also written to out/train_summary.json:
     stage, settings, device, rows, steps, seconds, log (trl's log history: loss per step for caption/sft,
     reward, rewards/<func>/mean, dynamic_sampling/* for grpo/dapo)."""
@@ -304,7 +305,7 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
         raise VlmError(f"{out}: is a file; give a folder for the run")
     ckpt_dir = out / "checkpoints"
     resume = _last_checkpoint(ckpt_dir)
-    rows = read_jsonl(data, stage)
+    rows = read_jsonl(data, stage, data_root=data_root, allow_remote=allow_remote)
     dev = setup_device(device)
     set_seed(int(s["seed"]))
     net, processor = load_model(model, device=dev["device"])
