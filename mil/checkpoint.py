@@ -140,7 +140,7 @@ def read_run_config(path: Path) -> dict[str, Any]:
         old = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{path}: not valid JSON ({e}); choose a new --out, or delete the folder") from None
-    if not isinstance(old, dict) or any(k not in old for k in (*REQUIRED, "train")):
+    if not isinstance(old, dict) or any(k not in old for k in REQUIRED):
         raise RunError(f"{path}: not the config of a mil run; choose a new --out")
     return old
 
