@@ -18,6 +18,7 @@ if not getattr(sys.modules.get("clip"), "PATHMIL", True):  # pragma: no cover - 
              "or run `python -m clip.cli` from the pathmil checkout")
 
 from wsi.cli_common import add_config_options, command_parser, config_from_args, registry_help, run_command
+from wsi.paths import add_data_path_options
 
 
 def _models() -> str:
@@ -55,7 +56,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from .train import train_clip
 
     cfg = config_from_args(ClipTrainConfig, a, lock_image=a.lock_image)
-    m = train_clip(cfg, a.captions, a.out, store=a.store, progress=not a.quiet)
+    m = train_clip(cfg, a.captions, a.out, store=a.store, progress=not a.quiet, data_root=a.data_root,
+                   allow_remote=a.allow_remote)
     if m:
         b = m.get("best") or {}
         r = (b.get("val") or {}).get("recall", {})
@@ -81,7 +83,7 @@ def _cmd_retrieve(a: argparse.Namespace) -> int:
     from .data import read_captions
     from .retrieval import retrieve
 
-    caps = read_captions(a.captions, store=a.store)
+    caps = read_captions(a.captions, store=a.store, data_root=a.data_root, allow_remote=a.allow_remote)
     res = retrieve(_load(a), caps, store=a.store, batch_size=a.batch_size, device=a.device,
                    include_training=a.include_training_slides)
     _report(a, "retrieval", res)
@@ -126,7 +128,7 @@ def _cmd_shards(a: argparse.Namespace) -> int:
     from .data import read_captions
     from .shards import write_shards
 
-    caps = read_captions(a.captions, store=a.store)
+    caps = read_captions(a.captions, store=a.store, data_root=a.data_root, allow_remote=a.allow_remote)
     paths = write_shards(caps, a.out, per_shard=a.per_shard, overwrite=a.overwrite)
     print(f"{len(paths)} shards written to {a.out} ({caps.summary()})")
     return 0
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--captions", type=Path, required=True,
                    help="CSV: slide_id,tile,caption or slide_id,x,y,caption (with --store), or image_path,caption")
     t.add_argument("--store", default=None, help="the tile store the captions refer to")
+    add_data_path_options(t, "the captions CSV")
     t.add_argument("--out", type=Path, required=True, help="RUN_DIR")
     t.add_argument("--lock-image", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze the image tower (LiT); default: the model's (on for pathoclip-lite)")
@@ -180,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(r)
     r.add_argument("--captions", type=Path, required=True)
     r.add_argument("--store", default=None)
+    add_data_path_options(r, "the captions CSV")
     r.add_argument("--out", type=Path, default=None, help="RESULT.json")
     _held_out_arg(r)
     r.set_defaults(func=_cmd_retrieve)
@@ -209,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shards", help="WebDataset shards (.tar of jpg/txt) from a captions CSV")
     s.add_argument("--captions", type=Path, required=True)
     s.add_argument("--store", default=None)
+    add_data_path_options(s, "the captions CSV")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--per-shard", type=int, default=5000)
     s.add_argument("--overwrite", action="store_true", help="replace shards already in --out")

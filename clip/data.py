@@ -9,9 +9,10 @@ Captions CSV (comma- or tab-separated, one caption per row; several rows may cap
     filepath,title                   open_clip's --csv-img-key / --csv-caption-key defaults work too
 
 An optional patient_id column names each slide's patient: the validation split then keeps a
-patient's slides on one side. Bad rows (slide not in the store, tile out of range, x,y not a stored
-tile, empty caption, image file missing or unreadable) are skipped and listed with their line
-numbers (`Captions.summary()`).
+patient's slides on one side. Image paths must lie under the data root (the CSV's folder unless
+`--data-root DIR`); URLs need `--allow-remote` (`wsi.paths`). Bad rows (slide not in the store, tile
+out of range, x,y not a stored tile, empty caption, image file missing, unreadable, outside the data
+root or remote) are skipped and listed with their line numbers (`Captions.summary()`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from wsi.errors import LabelsError, PathmilError
+from wsi.paths import open_data_file, resolve_data_path
 from wsi.rows import dropped_lines
 from wsi.splits import split_groups
 from wsi.store import TileStore
@@ -115,11 +117,11 @@ def _as_int(s: str) -> int | None:
         return None
 
 
-def _image_problem(path: Path, raw: str) -> str | None:
+def _image_problem(path: str, raw: str) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(path):    # reads the header only: cheap for a million files
+        with open_data_file(path) as f, Image.open(f):    # reads the header only: cheap for a million files
             return None
     except FileNotFoundError:
         return f"image file {raw!r} not found"
@@ -133,11 +135,15 @@ def _pick(cols: list[str], explicit: str | None, defaults: Sequence[str]) -> str
 
 def read_captions(csv_path: str | Path, store: TileStore | str | Path | None = None, *,
                   image_key: str | None = None, caption_key: str | None = None, sep: str | None = None,
-                  check_files: bool = True) -> Captions:
+                  check_files: bool = True, data_root: str | Path | None = None,
+                  allow_remote: bool = False) -> Captions:
     """The captions of a CSV (see the module docstring); `store` is needed for tile CSVs. `image_key` /
     `caption_key` name other columns (open_clip's --csv-img-key / --csv-caption-key); `sep` defaults to
-    a tab when the header has tabs and no comma, else a comma."""
+    a tab when the header has tabs and no comma, else a comma. Image paths, relative to the CSV's folder,
+    must lie under `data_root` (default: that folder) and URLs need `allow_remote`
+    (`wsi.paths.resolve_data_path`); rows that break this are dropped and reported like other bad rows."""
     path = Path(csv_path)
+
     if not path.is_file():
         raise CaptionsError(f"{path}: no such captions CSV; give a CSV with columns {EXPECTED}")
     try:
@@ -171,7 +177,7 @@ def read_captions(csv_path: str | Path, store: TileStore | str | Path | None = N
     groups: list[str] = []
     captions: list[tuple[int, str]] = []
     dropped: list[tuple[int, str]] = []
-    file_ok: dict[Path, str | None] = {}    # each file is checked once, however many captions it has
+    file_ok: dict[str, str | None] = {}     # each file is checked once, however many captions it has
     for rec in reader:
         line = reader.line_num
         if not any(c.strip() for c in rec):
@@ -183,12 +189,12 @@ def read_captions(csv_path: str | Path, store: TileStore | str | Path | None = N
             why = "has an empty caption"
         elif kind == "file":
             raw = get(img)
-            p = (path.parent / raw).resolve()     # an absolute raw path stays itself
+            p, why = resolve_data_path(raw, path.parent, root=data_root, allow_remote=allow_remote)
             if not raw:
                 why = "has no image path"
-            elif check_files:
+            elif why is None and check_files:
                 why = file_ok[p] if p in file_ok else file_ok.setdefault(p, _image_problem(p, raw))
-            key = ("file", str(p))
+            key = ("file", p)
         else:
             i, why = index.find(sid, get("tile") if kind == "tile" else None, get("x"), get("y"))  # type: ignore
             key = ("tile", sid, i)
@@ -271,7 +277,7 @@ class PairDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         try:
-            with Image.open(path) as im:
+            with open_data_file(path) as f, Image.open(f) as im:
                 img = im.convert("RGB")
         except Exception as e:
             raise CaptionsError(f"{path}: cannot read the image ({type(e).__name__}: {e}); fix the file or drop "

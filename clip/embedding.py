@@ -14,10 +14,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from sklearn.preprocessing import normalize
 
 from wsi.errors import PathmilError
+from wsi.paths import open_data_file
 from wsi.runtime import autocast, resolve_device, resolve_precision
 from wsi.store import TILE_CHUNK, TileStore
+
+RANK_CHUNK = 4096    # tiles embedded at a time when ranking a slide's tiles against a text
 
 
 def model_device(enc) -> torch.device:
@@ -54,25 +58,34 @@ def _encode_batches(enc, batches, dev: torch.device, precision: str, total: int,
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
+def _open(store: TileStore | str | Path) -> TileStore:
+    return store if isinstance(store, TileStore) else TileStore.open(store, readonly=True)
+
+
+def _has_stored(enc, view, digest: list) -> bool:
+    """Whether `view` holds this model's image embeddings, made by these very weights (`digest`: a
+    one-item cache of the model's digest, computed once)."""
+    name = enc.spec.name
+    if not getattr(enc.model, "features_are_embedding", False) or not view.has_features(name):
+        return False
+    if not digest:
+        digest.append(enc.digest())
+    return view.feature_meta(name).get("weights_digest") == digest[0]
+
+
 def stored_embeddings(enc, store: TileStore | str | Path, items: Sequence[tuple[str, int]]) -> np.ndarray | None:
     """The embeddings of `items` from features the store already holds for this model (`wsi embed`,
     `clip probe`), L2-normalised; None unless every slide has them, made by these very weights. Only
     for models whose stored features are their image embedding (open_clip, PLIP; not CONCH, which
     stores its pre-projection features)."""
-    if not getattr(enc.model, "features_are_embedding", False) or not items:
+    if not items:
         return None
-    st = store if isinstance(store, TileStore) else TileStore.open(store, readonly=True)
-    name, digest, by_slide = enc.spec.name, None, {}
+    st, digest, by_slide = _open(store), [], {}
     for sid in dict.fromkeys(s for s, _ in items):
-        view = st[sid]
-        if not view.has_features(name):
+        if not _has_stored(enc, st[sid], digest):
             return None
-        digest = digest or enc.digest()
-        if view.feature_meta(name).get("weights_digest") != digest:
-            return None
-        by_slide[sid] = view.features(name, np.float32)
-    x = np.stack([by_slide[s][i] for s, i in items]).astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        by_slide[sid] = st[sid].features(enc.spec.name, np.float32)
+    return normalize(np.stack([by_slide[s][i] for s, i in items]).astype(np.float32))
 
 
 def embed_tiles(enc, store: TileStore | str | Path, items: Sequence[tuple[str, int]], batch_size: int = 64,
@@ -103,13 +116,40 @@ def embed_tiles(enc, store: TileStore | str | Path, items: Sequence[tuple[str, i
     return out
 
 
-def _square(path: Path, side: int) -> np.ndarray:
+def _best(idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k highest scores, best first; ties keep the lower index."""
+    order = np.lexsort((idx, -scores))[:k]
+    return idx[order], scores[order]
+
+
+def rank_tiles(enc, store: TileStore | str | Path, slide: str, query: np.ndarray, k: int, *,
+               chunk: int = RANK_CHUNK, batch_size: int = 64, device: str | torch.device = "auto",
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(indices int64, cosine float32) of the k tiles of `slide` whose image embedding is closest to the
+    L2-normalised embedding `query` (E,), best first, ties to the lower index. From the store's features
+    of this model when it holds them (`stored_embeddings`); else the tiles are embedded `chunk` at a
+    time and only the best k kept, so memory does not grow with the slide."""
+    st = _open(store)
+    view = st[slide]
+    q = np.asarray(query, np.float32).reshape(-1)
+    if _has_stored(enc, view, []):
+        sims = normalize(view.features(enc.spec.name, np.float32)) @ q
+        return _best(np.arange(len(sims), dtype=np.int64), sims.astype(np.float32), k)
+    idx, scores = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    for start in range(0, view.n_tiles, max(1, int(chunk))):
+        rows = np.arange(start, min(start + max(1, int(chunk)), view.n_tiles), dtype=np.int64)
+        img = embed_tiles(enc, st, [(slide, int(i)) for i in rows], batch_size, device, progress=progress)
+        idx, scores = _best(np.concatenate([idx, rows]), np.concatenate([scores, (img @ q).astype(np.float32)]), k)
+    return idx, scores
+
+
+def _square(path: str, side: int) -> np.ndarray:
     """An image file as uint8 (side, side, 3): the centre square, resized (open_clip's resize +
     centre crop, done in PIL so files of any size batch together)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with open_data_file(path) as f, Image.open(f) as im:
             im = im.convert("RGB")
             w, h = im.size
             s = min(w, h)
@@ -121,13 +161,14 @@ def _square(path: Path, side: int) -> np.ndarray:
 
 def embed_files(enc, paths: Sequence[str | Path], batch_size: int = 64, device: str | torch.device = "auto",
                 progress: bool = True, *, precision: str = "auto") -> np.ndarray:
-    """Image embeddings of image files -> (N, E) float32, L2-normalised."""
+    """Image embeddings of image files (local paths, or URLs a captions CSV was allowed) -> (N, E) float32,
+    L2-normalised."""
     dev = place(enc, device)
     side = enc.spec.resize or enc.spec.input_size
 
     def batches():
         for i in range(0, len(paths), batch_size):
-            yield torch.from_numpy(np.stack([_square(Path(p), side) for p in paths[i:i + batch_size]]))
+            yield torch.from_numpy(np.stack([_square(str(p), side) for p in paths[i:i + batch_size]]))
 
     return _encode_batches(enc, batches(), dev, precision, len(paths), progress, f"embed files [{enc.spec.name}]")
 

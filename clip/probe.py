@@ -40,31 +40,11 @@ SEED = 42
 
 def embed_spec(model: str, pretrained: str | bool | None = None, random_init: bool = False
                ) -> tuple[str, str | None, bool]:
-    """`clip.models.load_model`'s arguments -> (the `wsi embed` encoder name, local weights file or None,
-    pretrained) for `EmbedConfig`. A run folder is `pathoclip:<absolute RUN_DIR>` (so the feature cache
-    does not depend on the working directory); an open_clip architecture with a tag is
-    `open_clip:<arch>@<tag>`, with `hf-hub:<repo>` that name; a registry name stays itself."""
-    import open_clip
+    """(the `wsi embed` encoder name, local weights file or None, pretrained) of `clip.models.load_model`'s
+    arguments, for `EmbedConfig`: `clip.models.encoder_args`."""
+    from .models import encoder_args
 
-    from wsi.encoders.registry import REGISTRY
-
-    from .models import is_run_dir
-    from .models.pathoclip import add_configs
-
-    if is_run_dir(model):
-        return f"pathoclip:{Path(model).resolve()}", None, True
-    file = pretrained if isinstance(pretrained, str) and Path(pretrained).is_file() else None
-    add_configs()
-    if model not in REGISTRY and model in open_clip.list_models():
-        if random_init or not pretrained:
-            return f"open_clip:{model}", None, False
-        if file or not isinstance(pretrained, str):
-            return f"open_clip:{model}", file, True
-        return (pretrained if pretrained.startswith("hf-hub:") else f"open_clip:{model}@{pretrained}"), None, True
-    if isinstance(pretrained, str) and not file:
-        raise PathmilError(f"--pretrained {pretrained}: no such weights file (for {model!r} pass a local file, "
-                           "or nothing for its own weights)")
-    return model, file, not random_init
+    return encoder_args(model, pretrained, random_init=random_init)
 
 
 def split_slides(slide_ids: Sequence[str], test_fraction: float = 0.3, seed: int = 0,

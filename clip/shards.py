@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import webdataset as wds
 
+from wsi.paths import open_data_file
 from wsi.runtime import atomic_write_json
 from wsi.store import TileStore
 
@@ -41,9 +42,11 @@ def _file_jpeg(path: str, quality: int) -> bytes:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with open_data_file(path) as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
             if im.format == "JPEG" and im.mode == "RGB":
-                return Path(path).read_bytes()
+                return data
             return _jpeg(np.asarray(im.convert("RGB")), quality)
     except Exception as e:
         raise CaptionsError(f"{path}: cannot read the image ({type(e).__name__}: {e}); fix the file or drop its "

@@ -176,10 +176,10 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 
 
 def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store: str | Path | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, data_root: str | Path | None = None, allow_remote: bool = False) -> dict:
     """Train `cfg.model` on the pairs of `data` (a captions CSV: store tiles with `store`, or image
-    files) into RUN_DIR `out`; resumes a run left there with the same settings and data. Returns
-    metrics.json's content."""
+    files under `data_root`, remote ones only with `allow_remote`: `read_captions`) into RUN_DIR `out`;
+    resumes a run left there with the same settings and data. Returns metrics.json's content."""
     from open_clip import image_transform
     from open_clip_train.scheduler import cosine_lr
     from tqdm import tqdm
@@ -200,7 +200,7 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
 
     shards = shard_split(data, cfg.val_fraction) if is_shards(data) else None
     if shards is None:
-        caps = read_captions(data, store=store)
+        caps = read_captions(data, store=store, data_root=data_root, allow_remote=allow_remote)
         train_pos, val_pos = split_by_group(caps, cfg.val_fraction, cfg.seed)
         if not train_pos:
             raise RunError(f"{data}: no training images left after the validation split; lower --val-fraction")

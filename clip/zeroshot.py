@@ -93,14 +93,10 @@ def read_positive(path: str | Path) -> str | None:
 
 def _auc(y: np.ndarray, probs: np.ndarray) -> float | None:
     """Binary: AUC of the last class; else macro one-vs-rest over the classes present (None: < 2 present)."""
-    from sklearn.metrics import roc_auc_score
+    from wsi.metrics import macro_auc
 
-    present = [c for c in range(probs.shape[1]) if 0 < (y == c).sum() < len(y)]
-    if not present:
-        return None
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y == 1, probs[:, 1]))
-    return float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
+    auc = macro_auc(y, probs)
+    return None if np.isnan(auc) else auc
 
 
 def zeroshot_metrics(y: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:

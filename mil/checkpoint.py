@@ -45,6 +45,10 @@ def save_fold_model(run_dir: str | Path, fold: int, model) -> Path:
 
 _SETTINGS = ("model", "model_kwargs", "in_dim", "class_names", "encoder", "w2s_params", "folds", "seed", "train",
              "instance_labels")
+# Where a run computes, not what: a run may resume on another device or precision (a fold is the unit
+# of work; each fold is trained whole under one of them). The feeding settings (workers, cache size,
+# DataConfig) are not in config.json at all.
+WHERE_TO_RUN = ("device", "precision")
 
 
 def _data_changes(old: dict, new: dict) -> list[str]:
@@ -76,7 +80,8 @@ def _setting_defaults(key: str) -> dict:
 
 
 def check_resume(out: Path, old: dict, new: dict) -> None:
-    """A folder holding a run may only be resumed with the same settings and the same data."""
+    """A folder holding a run may only be resumed with the same settings and the same data; where it
+    runs (`WHERE_TO_RUN`) may change."""
     changed = []
     for key in _SETTINGS:
         o, n = old.get(key), new.get(key)
@@ -84,8 +89,9 @@ def check_resume(out: Path, old: dict, new: dict) -> None:
             prefix = "w2s." if key == "w2s_params" else ""   # name the settings themselves: epochs, w2s.warmup
             # a setting added since the run began (absent from its config) counts as its default
             defaults = _setting_defaults(key)
+            where = WHERE_TO_RUN if key == "train" else ()
             changed += [prefix + k for k in sorted(set(o) | set(n))
-                        if o.get(k, defaults.get(k)) != n.get(k, defaults.get(k))]
+                        if k not in where and o.get(k, defaults.get(k)) != n.get(k, defaults.get(k))]
         elif o != n:
             changed.append(key)
     if changed:
@@ -126,6 +132,22 @@ def _fold_feedback(run_dir: Path, fold: int) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return True
     return bool(info.get("feedback", True))
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """The config.json found in a `--out` folder, which must be a mil run's (nothing else is overwritten)."""
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: not valid JSON ({e}); choose a new --out, or delete the folder") from None
+    if not isinstance(old, dict) or any(k not in old for k in REQUIRED):
+        raise RunError(f"{path}: not the config of a mil run; choose a new --out")
+    return old
+
+
+def finished_folds(run_dir: str | Path) -> list[int]:
+    """The folds of a run that were trained to the end (weights and result.json), in order."""
+    return [k for k in run_folds(run_dir) if (Path(run_dir) / f"fold_{k}" / "result.json").is_file()]
 
 
 def run_folds(run_dir: str | Path) -> list[int]:

@@ -6,43 +6,31 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi.metrics import binary_auc, class_aucs, macro_auc
+
 POSITIVE_FRACTION = 0.5  # a tile is positive when more than half of it is annotated (wsi/annotations.py)
 
 
 def bag_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """AUC (binary, or macro one-vs-rest), accuracy, balanced accuracy and F1 (binary: of the positive
-    class; else macro) of bag probabilities (n, C) against labels (n,). AUC is NaN with one class present."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+    """AUC (binary, or macro one-vs-rest; `wsi.metrics.macro_auc`), accuracy, balanced accuracy and F1
+    (binary: of the positive class; else macro) of bag probabilities (n, C) against labels (n,). AUC is
+    NaN with one class present (a validation part with one class), without warnings."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
     y = np.asarray(y)
     pred = probs.argmax(1)
     binary = probs.shape[1] == 2
-    if len(np.unique(y)) < 2:      # a validation part with one class: AUC undefined, say so without warnings
-        auc = float("nan")
-    elif binary:
-        auc = roc_auc_score(y, probs[:, 1])
-    elif len(np.unique(y)) == probs.shape[1]:
-        auc = roc_auc_score(y, probs, multi_class="ovr", labels=list(range(probs.shape[1])))
-    else:                          # a class missing from this part: macro over the classes present
-        auc = float(np.nanmean(per_class_auc(y, probs)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # sklearn's one-class notes; the values are still defined
         bal = balanced_accuracy_score(y, pred)
-    return {"auc": float(auc), "accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": float(bal),
+    return {"auc": macro_auc(y, probs), "accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": float(bal),
             "f1": float(f1_score(y, pred, average="binary" if binary else "macro", zero_division=0))}
 
 
 def per_class_auc(y: np.ndarray, probs: np.ndarray) -> list[float]:
-    """One-vs-rest AUC of each class c: probs[:, c] of bags of class c against all others (NaN when
-    class c, or every other class, is absent); their mean is the macro one-vs-rest AUC."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(y)
-    out = []
-    for c in range(probs.shape[1]):
-        hit = y == c
-        out.append(float(roc_auc_score(hit, probs[:, c])) if hit.any() and not hit.all() else float("nan"))
-    return out
+    """One-vs-rest AUC of each class c (`wsi.metrics.class_aucs`): probs[:, c] of bags of class c against
+    all others (NaN when class c, or every other class, is absent); their mean is the macro AUC."""
+    return class_aucs(y, probs)
 
 
 def class_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, list]:
@@ -84,12 +72,12 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], out: str | Path, 
 def instance_metrics(fractions: np.ndarray, scores: np.ndarray) -> dict[str, float] | None:
     """AUC and average precision of instance scores against tile labels (annotated fraction > 0.5);
     None when only one kind of tile is present."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.metrics import average_precision_score
 
     truth = np.asarray(fractions) > POSITIVE_FRACTION
     if truth.all() or not truth.any():
         return None
-    return {"auc": float(roc_auc_score(truth, scores)), "ap": float(average_precision_score(truth, scores))}
+    return {"auc": binary_auc(truth, scores), "ap": float(average_precision_score(truth, scores))}
 
 
 def summarize(values: list[float | None]) -> dict | None:
@@ -107,14 +95,14 @@ def plot_roc(folds: list[tuple[np.ndarray, np.ndarray]], out: str | Path, title:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
     for k, (y, p) in enumerate(folds):
         if len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, lw=1.5, label=f"fold {k}: AUC {roc_auc_score(y, p):.3f}")
+        ax.plot(fpr, tpr, lw=1.5, label=f"fold {k}: AUC {binary_auc(y, p):.3f}")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)

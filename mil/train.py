@@ -24,7 +24,7 @@ from wsi.runtime import (atomic_write_json, autocast, deterministic, large_frees
                          resolve_device, resolve_precision, seed_everything)
 
 from .batching import BagBatcher
-from .checkpoint import check_resume, save_config, save_fold_model
+from .checkpoint import check_resume, finished_folds, read_run_config, save_config, save_fold_model
 from .cohort import Bag, Cohort, LazyFeatures, name_ids
 from .backoff import Shadow, feedback_hurts
 from .config import DataConfig, TrainConfig, W2SConfig
@@ -363,14 +363,15 @@ def train_cohort(cohort: Cohort, cfg: TrainConfig, out_dir: str | Path, *, insta
     out.mkdir(parents=True, exist_ok=True)
     config = run_config(cohort, cfg, instance_labels)
     cfg_path = out / "config.json"
-    if cfg_path.exists():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunError(f"{cfg_path}: not valid JSON ({e}); choose a new --out, or delete the folder") from None
+    old = read_run_config(cfg_path) if cfg_path.exists() else None
+    if old is not None and finished_folds(out):
         check_resume(out, old, config)
         config["run_id"], config["created"] = old.get("run_id"), old.get("created")
     else:
+        # A run that stopped before finishing any fold (a wrong --device, say) left nothing to keep: the
+        # folder is started afresh, under any settings, rather than refusing the corrected command.
+        if old is not None:
+            log.info("%s: no fold of the earlier run finished; starting the run afresh", out)
         config["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         config["run_id"] = f"{out.resolve().name}-{config['created']}"
     save_config(out, config)

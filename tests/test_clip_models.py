@@ -136,3 +136,23 @@ def test_a_shadowing_clip_package_is_named(monkeypatch, caplog):
         reg._load_families()
     assert "/site-packages/clip/__init__.py is not pathmil's" in caplog.text and "uninstall it" in caplog.text
     assert "efficientnet-lite0" in reg.REGISTRY.entries
+
+
+def test_load_model_and_the_probes_embed_spec_are_one_mapping(tmp_path):
+    """A model loaded for evaluation and the features `clip probe` embeds for it come from one mapping of
+    (model, --pretrained): the same names, the same refusals."""
+    from clip.models import encoder_args, load_model
+    from clip.probe import embed_spec
+    from wsi.errors import EncoderError
+
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"")
+    for args in (("pathoclip-tiny", None), ("ViT-B-16", "openai"), ("ViT-B-16", "hf-hub:org/repo"),
+                 ("ViT-B-16", str(w))):
+        assert embed_spec(*args) == encoder_args(*args)
+    (tmp_path / "not_a_run").mkdir()
+    for bad in (("ViT-B-16", "org/missing.pt"), (str(tmp_path / "not_a_run"), None), ("pathoclip-tiny", "gone.pt")):
+        with pytest.raises(EncoderError, match="no such weights file|not a PathoCLIP run folder"):
+            embed_spec(*bad)
+        with pytest.raises(EncoderError, match="no such weights file|not a PathoCLIP run folder"):
+            load_model(*bad)

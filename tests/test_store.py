@@ -76,8 +76,8 @@ def test_status_lifecycle_and_schema(tmp_path):
     assert store.complete_ids() == []
     view.write_arrays(np.array([[0, 0], [32, 0], [64, 0]]), tissue=np.ones((4, 4), np.uint8),
                       tissue_attrs={"downsample": [8, 8]}, tile_codec="lossless")
-    assert view.has_tiles and view.read_tiles().shape == (3, 16, 16, 3)
-    assert not view.read_tiles().any()                     # allocated, not yet written
+    assert view.has_tiles and view.read_tiles(np.arange(view.n_tiles)).shape == (3, 16, 16, 3)
+    assert not view.read_tiles(np.arange(view.n_tiles)).any()  # allocated, not yet written
     view.write_tiles(0, np.full((3, 16, 16, 3), 7, np.uint8))
     assert store.status("s1") == WRITING                   # arrays written, not yet marked
     view.mark_complete()

@@ -126,3 +126,34 @@ def test_vlm_does_not_import_mil():
     for f in (REPO / "vlm").glob("*.py"):
         src = f.read_text()
         assert "import mil" not in src and "from mil" not in src, f
+
+
+def test_clip_selection_embeds_a_bounded_chunk_at_a_time_or_uses_stored_features(store, monkeypatch):
+    """`--clip` on a slide: the same tiles as ranking every embedding at once, but no embedding call holds
+    more than `chunk` tiles; with the model's features in the store, no tile is embedded at all."""
+    import clip.embedding as emb
+    from clip.models import load_model
+    from vlm.ask import select_tiles
+
+    enc = load_model("pathoclip-tiny", random_init=True)
+    q = emb.embed_texts(enc, ["tumour cells"])[0]
+    everything = emb.embed_tiles(enc, store, [("a", i) for i in range(12)], device="cpu", progress=False) @ q
+    expect = np.lexsort((np.arange(12), -everything))[:5].tolist()
+
+    real, sizes = emb.embed_tiles, []
+
+    def counted(enc, store, items, *a, **k):
+        sizes.append(len(items))
+        return real(enc, store, items, *a, **k)
+
+    monkeypatch.setattr(emb, "embed_tiles", counted)
+    sel = select_tiles(store, "a", 5, clip=enc, question="tumour cells", device="cpu", chunk=5)
+    assert [t["index"] for t in sel["tiles"]] == expect
+    assert [t["score"] for t in sel["tiles"]] == pytest.approx(everything[expect].tolist(), abs=1e-5)
+    assert sizes and max(sizes) <= 5 and sum(sizes) == 12
+    # stored features of these weights (here: the tiles' embeddings in reverse order) are used as they are
+    sizes.clear()
+    stored = real(enc, store, [("a", i) for i in range(11, -1, -1)], device="cpu", progress=False)
+    store["a"].write_features(enc.spec.name, stored, {"weights_digest": enc.digest()})
+    sel = select_tiles(store, "a", 5, clip=enc, question="tumour cells", device="cpu", chunk=5)
+    assert sizes == [] and [t["index"] for t in sel["tiles"]] == [11 - i for i in expect]

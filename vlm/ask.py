@@ -5,8 +5,9 @@
 1. tiles: the slide's top-k tiles by a MIL run's stored instance scores (`--run NAME`: the predictions
    `mil predict --name NAME` wrote into the store, read with `SlideView.top_tiles`; `vlm` never imports
    `mil`), or by PathoCLIP similarity of each tile to the question (`--clip RUN_DIR`: cosine between the
-   tile's image embedding and the question's text embedding, `clip.embedding`). Best first; ties keep
-   the lower index, as `top_tiles` does.
+   tile's image embedding and the question's text embedding, `clip.embedding.rank_tiles`: from the
+   model's features in the store when `wsi embed` put them there, else embedded a bounded chunk at a
+   time, keeping only the best k). Best first; ties keep the lower index, as `top_tiles` does.
 2. one multi-image prompt (`prompts.build_messages` with the k tiles, the same system prompt as training),
    generated greedily by default (`model.generate`).
 3. the reasoning (<think>), the answer (<answer>), the tiles used (index, level-0 x / y, score) and a
@@ -40,11 +41,12 @@ def _slide(st: Any, slide: str):
 
 
 def select_tiles(store: Any, slide: str, k: int = 8, *, run: str | None = None, clip: Any = None,
-                 question: str | None = None, device: str = "auto") -> dict[str, Any]:
+                 question: str | None = None, device: str = "auto", chunk: int | None = None) -> dict[str, Any]:
     """{"by": "run" | "clip", "source": the run name or the CLIP model, "tiles": [{"index", "x", "y",
     "score"}, ...]}: the slide's k best tiles, best first (module docstring). Exactly one of `run` (a
     prediction name in the store) and `clip` (a `clip train` RUN_DIR, a PathoCLIP name or a loaded
-    image-text Encoder, with `question`) is given."""
+    image-text Encoder, with `question`) is given. chunk: tiles embedded at a time with --clip
+    (`clip.embedding.rank_tiles`)."""
     if (run is None) == (clip is None):
         raise VlmError("give exactly one of --run NAME (a MIL run's predictions in the store) and --clip RUN_DIR "
                        "(PathoCLIP similarity to the question)")
@@ -57,7 +59,7 @@ def select_tiles(store: Any, slide: str, k: int = 8, *, run: str | None = None, 
         idx, scores, xy = top.indices, top.scores, top.coords
         source = run
     else:
-        from clip.embedding import embed_texts, embed_tiles, place
+        from clip.embedding import RANK_CHUNK, embed_texts, place, rank_tiles
 
         if not question or not str(question).strip():
             raise VlmError("--clip picks tiles by similarity to the question; give a non-empty --question")
@@ -68,10 +70,9 @@ def select_tiles(store: Any, slide: str, k: int = 8, *, run: str | None = None, 
         else:
             enc, source = clip, clip.spec.name
         dev = place(enc, device)
-        img = embed_tiles(enc, st, [(slide, i) for i in range(view.n_tiles)], device=dev, progress=False)
-        sims = (img @ embed_texts(enc, [str(question)])[0]).astype(np.float32)
-        idx = np.lexsort((np.arange(len(sims)), -sims))[:int(k)]
-        scores, xy = sims[idx], view.coords[idx]
+        idx, scores = rank_tiles(enc, st, slide, embed_texts(enc, [str(question)])[0], int(k), device=dev,
+                                 chunk=chunk or RANK_CHUNK)
+        xy = view.coords[idx]
     tiles = [{"index": int(i), "x": int(c[0]), "y": int(c[1]), "score": float(s)} for i, s, c in zip(idx, scores, xy)]
     return {"by": "run" if run is not None else "clip", "source": source, "tiles": tiles}
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from wsi.cli_common import command_parser, run_command
+from wsi.paths import add_data_path_options
 
 
 def _cmd_make_tiny(a: argparse.Namespace) -> int:
@@ -46,7 +47,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
               save_steps=a.save_steps, max_tries=a.max_tries, filter_on=a.filter_on, grounding=a.grounding,
               judge_url=a.judge_url, judge_model=a.judge_model, judge_key_env=a.judge_key_env,
               judge_timeout=a.judge_timeout, judge_text_only=a.judge_text_only or None, vllm=a.vllm,
-              device=a.device, progress=not a.quiet)
+              device=a.device, progress=not a.quiet, data_root=a.data_root, allow_remote=a.allow_remote)
     if int(os.environ.get("RANK", "0")):
         return 0                        # under accelerate / torchrun, the main process reports
     if s.get("already_finished"):
@@ -68,7 +69,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     weights = parse_reward_weights(a.reward_weights) if a.reward_weights else None     # None: the run's
     r = evaluate(a.model, a.data, a.out, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
                  temperature=a.temperature, weights=weights, limit=a.limit, seed=a.seed, device=a.device,
-                 progress=not a.quiet)
+                 progress=not a.quiet, data_root=a.data_root, allow_remote=a.allow_remote)
     m = r["metrics"]
     print(f"{m['n']} questions: accuracy {m['accuracy']:.3f}, format rate {m['format_rate']:.3f}, mean reward "
           f"{m['mean_reward']:.3f}; per-item answers in {a.out}")
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes one), else defaults for real 3B/7B checkpoints.")
     r.add_argument("--stage", required=True, choices=("caption", "sft", "grpo", "dapo"))
     r.add_argument("--data", type=Path, required=True, help="the stage's JSONL (caption.jsonl, sft.jsonl, mcq.jsonl)")
+    add_data_path_options(r, "the JSONL")
     r.add_argument("--model", required=True, help="a model folder (vlm make-tiny, an earlier stage) or a hub id")
     r.add_argument("--out", type=Path, required=True, help="RUN_DIR: the trained model folder")
     r.add_argument("--epochs", type=float, default=None)
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "one entry per question (response, parsed answer, correct, format, reward).")
     e.add_argument("--model", required=True, help="a model folder (vlm make-tiny, vlm train) or a hub id")
     e.add_argument("--data", type=Path, required=True, help="the questions (JSONL, as mcq.jsonl of `vlm data`)")
+    add_data_path_options(e, "the JSONL")
     e.add_argument("--out", type=Path, required=True, help="RESULT.json to write")
     e.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     e.add_argument("--max-new-tokens", type=int, default=None,

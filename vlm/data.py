@@ -9,9 +9,10 @@ Rows (one JSON object a line; see issue 11):
     grpo/dapo/eval (MCQ)  {"images": [...], "question": "...", "options": ["...", ...], "answer": "B"}
               (no options: an open question, `answer` is the text)
 
-An image is a file path (relative to the JSONL's folder, or absolute) or a store reference
-{"store": PATH, "slide": ID, "tile": INDEX} (PATH relative to the JSONL's folder, or absolute). Bad lines
-are reported by number and skipped (`Rows.summary()`).
+An image is a file path (relative to the JSONL's folder) or a store reference {"store": PATH, "slide": ID,
+"tile": INDEX} (PATH relative to the JSONL's folder, or absolute: a pathmil tile store). Image files must lie
+under the data root (the JSONL's folder unless `--data-root DIR`); URLs, of files or stores, need
+`--allow-remote` (`wsi.paths`). Bad lines are reported by number and skipped (`Rows.summary()`).
 
 `vlm data STORE --labels NAME --captions CAPTIONS.csv --out DIR` writes caption.jsonl (the `clip captions`
 CSV, one row per caption of the slides asked for: `--slides` keeps the captions of other slides out), mcq.jsonl (one "Which tissue does this tile show?" row per labelled tile, one
@@ -28,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from wsi.paths import is_url, open_data_file, resolve_data_path
 from wsi.runtime import atomic_write_text
 
 from .prompts import LETTERS, VlmError, answer_letter, sft_target
@@ -64,17 +66,20 @@ class Rows:
 
 
 def _is_url(path: str) -> bool:
-    return "://" in path
+    return is_url(path)
 
 
-def _image_ref(img: Any, base: Path, stores: dict[str, Any]) -> tuple[Any, str | None]:
-    """(the image with its path made absolute, None), or (None, why it cannot be used)."""
+def _image_ref(img: Any, base: Path, stores: dict[str, Any], allow_remote: bool = False,
+               root: Path | None = None) -> tuple[Any, str | None]:
+    """(the image with its path made absolute, None), or (None, why it cannot be used). An image file,
+    relative to `base` (the file's folder), must lie under the data root `root` (default: `base`); a URL
+    (a remote file or store) needs `allow_remote` (`wsi.paths.resolve_data_path`); a local store
+    reference must open as a pathmil tile store."""
     if isinstance(img, str):
-        if not img.strip():
-            return None, "has an empty image path"
-        p = Path(img).expanduser()
-        p = p if p.is_absolute() else (base / p).resolve()
-        return (str(p), None) if p.is_file() else (None, f"image file {img!r} not found")
+        p, why = resolve_data_path(img, base, root=root, allow_remote=allow_remote)
+        if why:
+            return None, why
+        return (p, None) if is_url(p) or Path(p).is_file() else (None, f"image file {img!r} not found")
     if not isinstance(img, Mapping) or set(img) != {"store", "slide", "tile"}:
         return None, f"image {json.dumps(img)[:60]} is neither a path nor {{\"store\", \"slide\", \"tile\"}}"
     sid, tile, st = img["slide"], img["tile"], img["store"]
@@ -82,7 +87,9 @@ def _image_ref(img: Any, base: Path, stores: dict[str, Any]) -> tuple[Any, str |
         return None, "has a store reference without a store path or slide id"
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
         return None, f"tile {tile!r} is not an index >= 0"
-    path = st if _is_url(st) or Path(st).is_absolute() else str((base / st).resolve())
+    if is_url(st) and not allow_remote:
+        return None, resolve_data_path(st, base, what="store")[1]
+    path = st if is_url(st) or Path(st).is_absolute() else str((base / st).resolve())
     if path not in stores:
         from wsi.errors import StoreError
         from wsi.store import TileStore
@@ -145,8 +152,10 @@ def _check_mcq(row: Mapping[str, Any], stage: str) -> str | None:
     return None
 
 
-def check_row(row: Any, stage: str, base: Path, stores: dict[str, Any] | None = None) -> tuple[dict | None, str | None]:
-    """(the row with its images made absolute, None) or (None, why it is not a valid `stage` row)."""
+def check_row(row: Any, stage: str, base: Path, stores: dict[str, Any] | None = None, *,
+              allow_remote: bool = False, root: Path | None = None) -> tuple[dict | None, str | None]:
+    """(the row with its images made absolute, None) or (None, why it is not a valid `stage` row). Image
+    paths are relative to `base` and must lie under `root` (default: `base`); URLs need `allow_remote`."""
     if not isinstance(row, dict):
         return None, "is not a JSON object"
     images = row.get("images", [])
@@ -166,16 +175,18 @@ def check_row(row: Any, stage: str, base: Path, stores: dict[str, Any] | None = 
         return None, why
     out_images = []
     for img in images:
-        ref, why = _image_ref(img, base, stores if stores is not None else {})
+        ref, why = _image_ref(img, base, stores if stores is not None else {}, allow_remote, root)
         if why:
             return None, why
         out_images.append(ref)
     return {**row, "images": out_images}, None
 
 
-def read_jsonl(path: str | Path, stage: str) -> Rows:
+def read_jsonl(path: str | Path, stage: str, *, data_root: str | Path | None = None,
+               allow_remote: bool = False) -> Rows:
     """The valid rows of a `stage` JSONL file (caption, sft, grpo, dapo or eval; see the module docstring).
-    Image paths and store paths are made absolute (relative ones are relative to the file's folder); store
+    Image paths and store paths are made absolute (relative ones are relative to the file's folder); image
+    files must lie under `data_root` (default: the file's folder) and URLs need `allow_remote`; store
     references are checked against the store. Bad lines (not JSON, missing fields, an answer that is not an
     option, a missing image or tile) are skipped and listed with their line numbers; no valid row at all
     is an error."""
@@ -190,6 +201,7 @@ def read_jsonl(path: str | Path, stage: str) -> Rows:
     except UnicodeDecodeError as e:
         raise VlmError(f"{path}: not UTF-8 text ({e}); save it as UTF-8 JSONL") from None
     base, stores = path.parent.resolve(), {}
+    root = Path(data_root).resolve() if data_root is not None else None
     rows, dropped = [], []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -199,7 +211,7 @@ def read_jsonl(path: str | Path, stage: str) -> Rows:
         except json.JSONDecodeError as e:
             dropped.append((n, f"is not JSON ({e.msg} at column {e.colno})"))
             continue
-        row, why = check_row(obj, stage, base, stores)
+        row, why = check_row(obj, stage, base, stores, allow_remote=allow_remote, root=root)
         if why:
             dropped.append((n, why))
         else:
@@ -229,13 +241,12 @@ def load_images(refs: Sequence[Any], base: str | Path | None = None) -> list[Any
     for k, ref in enumerate(refs):
         if isinstance(ref, Mapping):
             st = str(ref["store"])
-            st = st if _is_url(st) or Path(st).is_absolute() else str((base / st).resolve())
+            st = st if is_url(st) or Path(st).is_absolute() else str((base / st).resolve())
             by_store.setdefault(st, []).append((k, str(ref["slide"]), int(ref["tile"])))
             continue
-        p = Path(str(ref)).expanduser()
-        p = p if p.is_absolute() else base / p
+        p = str(ref) if is_url(ref) or Path(str(ref)).is_absolute() else str(base / str(ref))
         try:
-            with Image.open(p) as im:
+            with open_data_file(p) as f, Image.open(f) as im:
                 out[k] = im.convert("RGB")
         except Exception as e:
             raise VlmError(f"{p}: cannot read the image ({type(e).__name__}); fix the file or drop its rows") from None

@@ -98,15 +98,15 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
              batch_size: int = 8, max_new_tokens: int | None = None, temperature: float = 0.0,
              system: str | None = SYSTEM_PROMPT, weights: Sequence[float] | None = None,
              limit: int | None = None, seed: int | None = 0, device: str = "auto",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, data_root: str | Path | None = None, allow_remote: bool = False) -> dict[str, Any]:
     """Answer every row of `data` and score it; write RESULT.json to `out` when given.
 
     model: a model folder or hub id (`model.load_model`), or a loaded (model, processor) pair. data: an
-    eval JSONL file (`data.read_jsonl(path, "eval")`: bad lines skipped and reported) or rows already
-    read (images absolute or store references). max_new_tokens / weights None: the run's own
-    (`run_generation`). Generation is batched (`model.generate`, left-padded), greedy at temperature 0;
-    sampled at temperature > 0 from torch's generator seeded with `seed` (None: not seeded). Returns
-    {"model", "data", "config", "metrics", "items", "created"}."""
+    eval JSONL file (`data.read_jsonl(path, "eval", data_root=, allow_remote=)`: bad lines skipped and
+    reported) or rows already read (images absolute or store references). max_new_tokens / weights None:
+    the run's own (`run_generation`). Generation is batched (`model.generate`, left-padded), greedy at
+    temperature 0; sampled at temperature > 0 from torch's generator seeded with `seed` (None: not
+    seeded). Returns {"model", "data", "config", "metrics", "items", "created"}."""
     import torch
     from tqdm.auto import tqdm
 
@@ -122,7 +122,7 @@ def evaluate(model: Any, data: str | Path | Sequence[Mapping[str, Any]], out: st
         raise VlmError(f"--max-new-tokens {max_new_tokens}: give a number >= 1")
     source = None
     if isinstance(data, (str, Path)):
-        rows_read = read_jsonl(data, "eval")
+        rows_read = read_jsonl(data, "eval", data_root=data_root, allow_remote=allow_remote)
         source, rows, dropped = str(data), list(rows_read.rows), rows_read.dropped
         base = Path(data).parent
     else:

@@ -114,7 +114,9 @@ def _image_vectors(enc: Any, arrays: Sequence[np.ndarray], batch_size: int = 64)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    from sklearn.preprocessing import normalize
+
+    return normalize(np.atleast_2d(x)).reshape(x.shape)
 
 
 @functools.lru_cache(maxsize=1)

@@ -279,8 +279,10 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
           judge_url: str | None = None,
           judge_model: str | None = None, judge_key_env: str | None = None, judge_timeout: float | None = None,
           judge_text_only: bool | None = None, vllm: str | None = None, system: str | None = SYSTEM_PROMPT,
-          device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Train one stage on a JSONL file (`data.read_jsonl(data, stage)`) from `model` (a folder or hub id)
+          device: str = "auto", progress: bool = True, data_root: str | Path | None = None,
+          allow_remote: bool = False) -> dict[str, Any]:
+    """Train one stage on a JSONL file (`data.read_jsonl(data, stage)`, its image paths under `data_root`,
+    URLs only with `allow_remote`) from `model` (a folder or hub id)
     and write RUN_DIR `out` (module docstring). Returns the summary also written to out/train_summary.json:
     stage, settings, device, rows, steps, seconds, log (trl's log history: loss per step for caption/sft,
     reward, rewards/<func>/mean, dynamic_sampling/* for grpo/dapo). A finished RUN_DIR is left as it is:
@@ -303,7 +305,7 @@ def train(stage: str, data: str | Path, model: str | Path, out: str | Path, *, e
     if out.is_file():
         raise VlmError(f"{out}: is a file; give a folder for the run")
     ckpt_dir = out / "checkpoints"
-    rows = read_jsonl(data, stage)
+    rows = read_jsonl(data, stage, data_root=data_root, allow_remote=allow_remote)
     identity = run_identity(stage, model, data, s, system)
     plan = plan_run(out, identity, s)
     if plan.action == "finished":

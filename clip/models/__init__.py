@@ -12,6 +12,6 @@ This module is also the `pathmil.encoders` entry-point plugin: importing it regi
 from __future__ import annotations
 
 from . import pathoclip  # noqa: F401  (registers pathoclip-lite, pathoclip-tiny)
-from .load import is_run_dir, load_model, model_choices
+from .load import encoder_args, is_run_dir, load_model, model_choices
 
-__all__ = ["load_model", "is_run_dir", "model_choices"]
+__all__ = ["load_model", "encoder_args", "is_run_dir", "model_choices"]

@@ -19,6 +19,40 @@ def model_choices() -> list[str]:
     return [s.name for s in REGISTRY.specs() if s.task == "image-text"]
 
 
+def encoder_args(model: str, pretrained: str | bool | None = None, *,
+                 random_init: bool = False) -> tuple[str, str | None, bool]:
+    """`load_model`'s arguments -> (the encoder name `create_encoder` and `wsi embed` take, a local weights
+    file or None, pretrained): the one mapping, so a model loaded here and features embedded into a store
+    for it (`clip probe`) are the same model. A run folder is `pathoclip:<absolute RUN_DIR>` (features
+    cached under it do not depend on the working folder); an open_clip architecture with a tag is
+    `open_clip:<arch>@<tag>`, with `hf-hub:<repo>` that name; a registry name stays itself."""
+    import open_clip
+
+    from .pathoclip import add_configs
+
+    add_configs()
+    if is_run_dir(model):
+        return f"pathoclip:{Path(model).resolve()}", None, True
+    if Path(model).is_dir():
+        raise EncoderError(f"{model}: not a PathoCLIP run folder (needs open_clip_config.json and "
+                           "model.safetensors from `clip train`)")
+    file = pretrained if isinstance(pretrained, str) and Path(pretrained).is_file() else None
+    if model not in REGISTRY and model in open_clip.list_models():
+        if random_init or not pretrained:
+            return f"open_clip:{model}", None, False
+        if file or not isinstance(pretrained, str):
+            return f"open_clip:{model}", file, True
+        if pretrained.startswith("hf-hub:"):
+            return pretrained, None, True
+        if pretrained.endswith((".pt", ".bin", ".pth", ".safetensors")) or "/" in pretrained:
+            raise EncoderError(f"--pretrained {pretrained}: no such weights file")
+        return f"open_clip:{model}@{pretrained}", None, True
+    if isinstance(pretrained, str) and not file:
+        raise EncoderError(f"--pretrained {pretrained}: no such weights file (for {model!r} pass a local file, or "
+                           "nothing for its own weights)")
+    return model, file, not random_init   # registry and generic names; unknown ones list the choices
+
+
 def load_model(model: str, pretrained: str | bool | None = None, *, random_init: bool = False) -> Encoder:
     """Build an image-text model.
 
@@ -29,36 +63,8 @@ def load_model(model: str, pretrained: str | bool | None = None, *, random_init:
         or a local weights file (safetensors, or a `.pt`/`.bin` state dict read with
         `torch.load(weights_only=True)`); for a registry name, a local weights file replacing its own.
     random_init: random weights (tests, benchmarks)."""
-    import open_clip
-
-    from .pathoclip import add_configs
-
-    add_configs()
-    if is_run_dir(model):  # an absolute name: features cached in a store under it do not depend on the cwd
-        enc = create_encoder(f"pathoclip:{Path(model).resolve()}")
-    elif Path(model).exists() and Path(model).is_dir():
-        raise EncoderError(f"{model}: not a PathoCLIP run folder (needs open_clip_config.json and "
-                           "model.safetensors from `clip train`)")
-    elif model in REGISTRY:
-        file = pretrained if isinstance(pretrained, str) else None
-        if file and not Path(file).is_file():
-            raise EncoderError(f"--pretrained {file}: no such weights file (for {model!r} pass a local file, or "
-                               "nothing for its own weights)")
-        enc = create_encoder(model, pretrained=not random_init, weights=file)
-    elif model in open_clip.list_models():
-        if random_init or not pretrained:
-            enc = create_encoder(f"open_clip:{model}", pretrained=False)
-        elif isinstance(pretrained, str) and pretrained.startswith("hf-hub:"):
-            enc = create_encoder(pretrained)
-        elif isinstance(pretrained, str) and Path(pretrained).is_file():
-            enc = create_encoder(f"open_clip:{model}", pretrained=False, weights=pretrained)
-        elif isinstance(pretrained, str) and (pretrained.endswith((".pt", ".bin", ".pth", ".safetensors"))
-                                              or "/" in pretrained):
-            raise EncoderError(f"--pretrained {pretrained}: no such weights file")
-        else:
-            enc = create_encoder(f"open_clip:{model}@{pretrained}")
-    else:
-        enc = create_encoder(model, pretrained=not random_init)  # generic names; unknown ones list the choices
+    name, weights, use_pretrained = encoder_args(model, pretrained, random_init=random_init)
+    enc = create_encoder(name, pretrained=use_pretrained, weights=weights)
     if enc.task != "image-text":
         raise EncoderError(f"{model!r} is an image encoder without a text tower; PathoCLIP needs an image-text "
                            f"model: {', '.join(model_choices())}, an open_clip architecture or a run folder")

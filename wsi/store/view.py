@@ -1,14 +1,14 @@
 """`SlideView`: one slide of a tile store, read and written through typed methods.
 
-Reads: `meta` (SlideMeta), `coords`, `read_tiles`, `features`, `labels`, `predictions`, `top_tiles`,
-`thumbnail`, `tissue`. Writes: `write_arrays` / `write_tiles` (tiling), `write_features` /
+Reads: `meta` (SlideMeta), `coords`, `read_tiles` / `iter_tiles`, `features`, `labels`, `predictions`,
+`top_tiles`, `thumbnail`, `tissue`. Writes: `write_arrays` / `write_tiles` (tiling), `write_features` /
 `create_features` (embedding, imports), `write_labels`, `write_predictions`; each features, labels and
 predictions entry is marked complete only after its data is written.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -20,8 +20,15 @@ if TYPE_CHECKING:
     from .tilestore import TileStore
 
 TILE_CHUNK = 8                  # tiles per store chunk
+TILES_PER_READ = 512            # iter_tiles: tiles per read (~100 MB of 256-px tiles)
 FEATURE_ROWS_PER_CHUNK = 4096
 _ROWS_PER_CHUNK = 65536         # coords, labels, predictions
+
+
+def _stored_dtype(values: np.ndarray) -> np.ndarray:
+    """A prediction array as stored: float64 becomes float32 (scores need no more), every other dtype
+    (class indices, flags, float16) is kept."""
+    return values.astype(np.float32) if values.dtype == np.float64 else values
 
 
 @dataclass(frozen=True)
@@ -164,11 +171,12 @@ class SlideView:
         TILE_CHUNK) when several processes fill one slide, so no two touch one chunk."""
         self._tile_array()[start:start + len(tiles)] = tiles
 
-    def read_tiles(self, indices=None) -> np.ndarray:
-        """uint8 (n, P, P, 3) tiles at rows `indices` (all when None), in the order given. Read from the
-        stored tiles when there are any, else from the slide file through the coords, exactly as
-        `wsi tile` reads them. A features-only slide (an import) has no pixels: StoreError."""
-        idx = np.arange(self.n_tiles) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+    def read_tiles(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 (n, P, P, 3) tiles at rows `indices`, in the order given. Read from the stored tiles
+        when there are any, else from the slide file through the coords, exactly as `wsi tile` reads
+        them. A features-only slide (an import) has no pixels: StoreError. A whole slide can hold more
+        tiles than memory; `iter_tiles` visits them all chunk by chunk."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.n_tiles):
             raise IndexError(f"{self.slide_id}: tile index out of range 0..{self.n_tiles - 1}")
         if self.has_tiles:
@@ -180,6 +188,14 @@ class SlideView:
         from .pixels import read_from_slide
 
         return read_from_slide(self.meta, self.coords[idx], self.store.path)
+
+    def iter_tiles(self, chunk: int = TILES_PER_READ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(indices, uint8 tiles) of every tile of the slide in coords order, at most `chunk` tiles
+        (rounded up to whole store chunks) at a time, so memory stays bounded on any slide."""
+        step = max(TILE_CHUNK, -(-int(chunk) // TILE_CHUNK) * TILE_CHUNK)
+        for start in range(0, self.n_tiles, step):
+            idx = np.arange(start, min(start + step, self.n_tiles), dtype=np.int64)
+            yield idx, self.read_tiles(idx)
 
     # -- features ----------------------------------------------------------------------------------
     def _features_group(self, create: bool = False):
@@ -299,7 +315,7 @@ class SlideView:
         self.store._require_writable()
         validate_name(run, "prediction")
         n = self.n_tiles
-        arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+        arrays = {k: _stored_dtype(np.asarray(v)) for k, v in arrays.items()}
         for key, values in arrays.items():  # checked before the old predictions are dropped
             if values.shape[:1] != (n,):
                 raise ValueError(f"{self.slide_id}: prediction {key!r} of shape {values.shape} does not match {n} tiles")
