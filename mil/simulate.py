@@ -52,9 +52,23 @@ class SimConfig:
     noise: float = 0.12                     # isotropic noise per dim
     batch_effect: float = 0.8               # norm scale of the per-slide shift
     positive_share: float = 0.5
+    # Subtle tumour: each grade a small step (`tumour_shift`, in feature norm) from the common normal type
+    # normal0, sharing its variation, instead of a type of its own (None: a type of its own).
+    tumour_shift: float | None = None
+    common_normal: float | None = None      # share of normal regions of type normal0 (None: uniform)
+    confounder_scatter: float = 0.0         # share of every slide's tiles (either class) that is confounder
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def subtle(cls, **overrides) -> "SimConfig":
+        """The subtle-tumour setting: tumour a small shift from one common normal type, a confounder in
+        about 3 % of every slide's tiles (either class) and dense at tumour margins, tumour 0.5-6 % of a
+        positive slide. The bag task is solved by counting the confounder; the tiles are not."""
+        base = dict(tumour_shift=0.6, common_normal=0.7, confounder_scatter=0.03, confounder_slides=0.0,
+                    margin_prob=0.9, tumour_fraction=(0.005, 0.06), mimic_slides=0.0)
+        return cls(**{**base, **overrides})
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -77,6 +91,14 @@ class _Tissues:
         self.means = means
         self.loadings = {n: rng.standard_normal((cfg.rank, d)) * cfg.within / np.sqrt(d) for n in names}
         self.stain = _unit(rng, 4, d)
+        if cfg.tumour_shift is not None:       # drawn last: cohorts without the knob stay as they were
+            steps = _unit(rng, cfg.n_grades, d) * cfg.tumour_shift
+            for g in range(cfg.n_grades):
+                t, m = f"{TUMOUR}{g}", f"{MIMIC}{g}"
+                offset = means[m] - means[t]
+                means[t] = means[f"{NORMAL}0"] + steps[g]
+                means[m] = means[t] + offset
+                self.loadings[t] = self.loadings[f"{NORMAL}0"]
         self.cfg = cfg
 
     def draw(self, name: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -103,7 +125,12 @@ def _slide(cfg: SimConfig, tissues: _Tissues, label: int, rng: np.random.Generat
     # Normal regions: Voronoi cells of a few seeds, each one normal type.
     seeds = yx[rng.choice(n, 5, replace=False)]
     cell = np.abs(yx[:, None] - seeds[None]).sum(-1).argmin(1)
-    kinds = np.array([f"{NORMAL}{rng.integers(cfg.n_normal)}" for _ in range(len(seeds))], dtype=object)[cell]
+    if cfg.common_normal is None:
+        types = [rng.integers(cfg.n_normal) for _ in range(len(seeds))]
+    else:
+        types = [0 if rng.random() < cfg.common_normal or cfg.n_normal == 1 else rng.integers(1, cfg.n_normal)
+                 for _ in range(len(seeds))]
+    kinds = np.array([f"{NORMAL}{t}" for t in types], dtype=object)[cell]
     free = np.ones(n, bool)
     if label == 1:
         n_tum = max(2, int(round(rng.uniform(*cfg.tumour_fraction) * n)))
@@ -116,6 +143,9 @@ def _slide(cfg: SimConfig, tissues: _Tissues, label: int, rng: np.random.Generat
             margin = np.flatnonzero(free & (ring <= cfg.margin) & (rng.random(n) < cfg.margin_prob))
             kinds[margin] = CONFOUNDER
             free[margin] = False
+    if cfg.confounder_scatter > 0:
+        idx = np.flatnonzero(free & (rng.random(n) < cfg.confounder_scatter))
+        kinds[idx], free[idx] = CONFOUNDER, False
     if rng.random() < cfg.confounder_slides:
         idx = _blob(rng, yx, free, max(1, int(round(rng.uniform(*cfg.confounder_patch) * n))))
         kinds[idx], free[idx] = CONFOUNDER, False
