@@ -75,9 +75,11 @@ def load_state(run_dir: Path, model, optimizer, scaler) -> dict | None:
 
 def check_resume(run_dir: Path, record: dict) -> bool:
     """Whether RUN_DIR holds a run to continue. A run of other settings or other data is refused (one
-    line, naming what changed and the fix), as `mil train` does."""
+    line, naming what changed and the fix), as `mil train` does. A folder whose run never completed an
+    epoch (it failed on the way: a wrong device, a bad batch size) holds nothing to keep: it is
+    started afresh."""
     path = run_dir / CONFIG
-    if not path.is_file():
+    if not path.is_file() or not (run_dir / STATE_JSON).is_file():
         return False
     old = json.loads(path.read_text())
     changes = [f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in ("model", "pretrained", "settings")
