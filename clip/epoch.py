@@ -3,7 +3,8 @@
 Gradient accumulation follows open_clip_train's `accum_freq`: the micro-batches' features are first
 computed without gradients and cached; then each micro-batch is run again with gradients and scored
 against the cached features of the others, so the contrastive negatives span the whole accumulated
-batch and the summed gradient is that of one large batch. Under torchrun the loss is open_clip's
+batch and the summed gradient is that of one large batch (exactly: the temperature's gradient is
+taken once, where open_clip's loop adds it accum_freq times). Under torchrun the loss is open_clip's
 local loss with features gathered with their gradients, and DDP averages gradients across ranks: N
 processes at batch B train like one process at batch N*B.
 """
@@ -84,6 +85,10 @@ def _forward_loss(t: Trainer, images, tokens, cached: dict | None = None, j: int
         out = t.wrapped(images, tokens)
         if cached:  # this micro-batch with gradients among the others' cached features
             out = {**out, **{k: torch.cat(cached[k][:j] + [out[k]] + cached[k][j + 1:]) for k in FEATURES}}
+            if j < len(cached[FEATURES[0]]) - 1:
+                # the temperature (and SigLIP's bias) takes its gradient from one micro-batch only: every
+                # micro-batch's loss is the whole batch's, so summing them would count it accum times
+                out.update({k: out[k].detach() for k in ("logit_scale", "logit_bias") if k in out})
         return t.loss_fn(**out)
 
 
@@ -140,21 +145,41 @@ def train_one_epoch(t: Trainer, loader, n_batches: int, gstep: int, total: int, 
 
 
 @torch.inference_mode()
-def evaluate_pairs(step: PairStep, loss_fn, loader, prepare, tokenize, ranks: Ranks, precision: str) -> dict:
-    """Validation loss (mean over pairs of each batch's loss) and retrieval recall over the whole
-    validation set, one caption per image (this epoch's draw). Each rank scores its share of whole
-    batches (the batches of a one-process run); rank 0 gathers them and returns the metrics, the
-    other ranks return {}."""
+def evaluate_pairs(step: PairStep, loss_fn, loader, prepare, tokenize, ranks: Ranks, precision: str,
+                   group: int | None = None) -> dict:
+    """Validation loss (mean over pairs of each group's loss) and retrieval recall over the whole
+    validation set, one caption per image (this epoch's draw). The loader yields this rank's groups
+    of `group` pairs (the contrastive batch; None: each loader batch) in forward-sized batches; each
+    group's loss is scored on its features together. Rank 0 gathers every rank's share and returns
+    the metrics, the other ranks return {}."""
     step.eval()
     img, txt, caps, total, n = [], [], [], 0.0, 0
+    group_img: list[torch.Tensor] = []
+    group_txt: list[torch.Tensor] = []
+    extra: dict = {}
+
+    def flush() -> float:  # the loss of the pending group, scored on its features together
+        if not group_img:
+            return 0.0
+        i, t = torch.cat(group_img), torch.cat(group_txt)
+        img.append(i.float().cpu())
+        txt.append(t.float().cpu())
+        group_img.clear()
+        group_txt.clear()
+        with autocast(ranks.device, precision):
+            return float(loss_fn(image_features=i, text_features=t, **extra)) * len(i)
+
     for images, texts in loader:
         with autocast(ranks.device, precision):
             out = step(prepare(images), tokenize(texts).to(ranks.device))
-            total += float(loss_fn(**out)) * len(texts)
+        extra = {k: out[k] for k in ("logit_scale", "logit_bias") if k in out}
         caps += list(texts)
+        group_img.append(out["image_features"])
+        group_txt.append(out["text_features"])
         n += len(texts)
-        img.append(out["image_features"].float().cpu())
-        txt.append(out["text_features"].float().cpu())
+        if group is None or sum(len(x) for x in group_img) >= group:
+            total += flush()
+    total += flush()
     cat = lambda xs: torch.cat(xs) if xs else torch.empty(0)  # noqa: E731
     parts = gather(ranks, (cat(img), cat(txt), caps, total, n))
     if parts is None:

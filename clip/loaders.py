@@ -67,22 +67,26 @@ class RankBatches(torch.utils.data.Sampler):
     rank takes its slice. So N processes at batch B see exactly the batches one process sees at batch
     N*B, and every rank has the same number of equal-sized batches (ClipLoss gathers features of the
     same shape). Without `drop_last` a short last global batch is topped up from the start of the
-    order to a multiple of `world` (as DistributedSampler pads). With `split_batches=False` (validation) rank r
-    instead takes whole global batches r, r + world, ...: the batches of the one-process run."""
+    order to a multiple of `world` (as DistributedSampler pads).
+
+    With `group` (validation): the order is cut into groups of `group` pairs (the batch a loss is
+    scored on), rank r takes whole groups r, r + world, ... and yields each in batches of
+    `batch_size` (what one forward holds)."""
 
     def __init__(self, n: int, batch_size: int, world: int, rank: int, *, shuffle: bool, generator=None,
-                 drop_last: bool = False, split_batches: bool = True):
+                 drop_last: bool = False, group: int | None = None):
         self.n, self.b, self.world, self.rank = n, batch_size, world, rank
-        self.shuffle, self.g, self.drop_last, self.split = shuffle, generator, drop_last, split_batches
+        self.shuffle, self.g, self.drop_last, self.group = shuffle, generator, drop_last, group
 
     def _order(self) -> list[int]:
         return torch.randperm(self.n, generator=self.g).tolist() if self.shuffle else list(range(self.n))
 
     def __iter__(self):
         order = self._order()
-        if not self.split:  # validation: whole batches of the one-process run, dealt round-robin
-            batches = [order[i:i + self.b] for i in range(0, len(order), self.b)]
-            yield from batches[self.rank::self.world]
+        if self.group:
+            for start in range(self.rank * self.group, len(order), self.world * self.group):
+                mine = order[start:start + self.group]
+                yield from (mine[i:i + self.b] for i in range(0, len(mine), self.b))
             return
         g = self.b * self.world
         for i in range(0, len(order), g):
@@ -96,24 +100,27 @@ class RankBatches(torch.utils.data.Sampler):
             yield chunk[self.rank * per:(self.rank + 1) * per]
 
     def __len__(self) -> int:
-        if not self.split:
-            return len(range(self.rank, math.ceil(self.n / self.b), self.world))
+        if self.group:
+            return sum(math.ceil(min(self.group, self.n - s) / self.b)
+                       for s in range(self.rank * self.group, self.n, self.world * self.group))
         g = self.b * self.world
         return self.n // g if self.drop_last else math.ceil(self.n / g)
 
 
 def pair_loader(ds, batch_size: int, shuffle: bool, seed: int, epoch: int, workers: int, drop_last: bool,
-                world: int = 1, rank: int = 0, *, split_batches: bool = True):
+                world: int = 1, rank: int = 0, *, group: int | None = None):
     """A DataLoader of (images, captions) batches for this rank (see RankBatches); shards (an
     IterableDataset) are batched and split across ranks by their own pipeline."""
     from torch.utils.data import DataLoader
 
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     if isinstance(ds, torch.utils.data.IterableDataset):
+        if group:  # one worker keeps the groups' batches in order (workers' batches interleave)
+            workers = min(workers, 1)
         return DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                           pin_memory=torch.cuda.is_available())
     sampler = RankBatches(len(ds), batch_size, world, rank, shuffle=shuffle, generator=g, drop_last=drop_last,
-                          split_batches=split_batches)
+                          group=group)
     return DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 

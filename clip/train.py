@@ -219,7 +219,7 @@ def _datasets(cfg: ClipTrainConfig, enc, model, split: DataSplit, out: Path, ran
         tr = shard_pairs(split.train_shards, train_tf, seed=cfg.seed, epoch_samples=per_worker * b,
                          resample=len(split.train_shards) < ranks.world * nw)
         va = shard_pairs(split.val_shards, to_uint8(size), shuffle=0, seed=cfg.seed, split_by_node=False,
-                         rank_batches=(b, ranks.rank, ranks.world)) if split.val_shards else None
+                         rank_batches=(_val_group(cfg, ranks), ranks.rank, ranks.world)) if split.val_shards else None
         return dict(tr_ds=tr, va_ds=va, head=model.visual, frozen=frozen, prep_train=to_dev, prep_val=preprocess,
                     n_batches=per_worker * nw, drop_last=False)
     pairs = lambda pos, tf: PairDataset(split.caps, pos, tf, seed=cfg.seed)  # noqa: E731
@@ -325,8 +325,15 @@ def validate(run: Run, t: Trainer) -> dict:
         return {}
     run.va_ds.set_epoch(0)  # the same validation captions every epoch
     loader = pair_loader(run.va_ds, cfg.batch_size, False, cfg.seed, 0, run.workers, False, ranks.world, ranks.rank,
-                         split_batches=False)
-    return evaluate_pairs(t.step, make_loss(cfg.loss, 0, 1), loader, run.prep_val, t.tokenize, ranks, run.precision)
+                         group=_val_group(cfg, ranks))
+    return evaluate_pairs(t.step, make_loss(cfg.loss, 0, 1), loader, run.prep_val, t.tokenize, ranks, run.precision,
+                          _val_group(cfg, ranks))
+
+
+def _val_group(cfg: ClipTrainConfig, ranks: Ranks) -> int:
+    """The validation loss is scored on batches of the contrastive batch the run trains with (batch x
+    processes x accumulation), so it does not change with how that batch is spread."""
+    return cfg.batch_size * ranks.world * cfg.grad_accum
 
 
 def stop_reason(cfg: ClipTrainConfig, p: Progress, epoch: int, total: int) -> str:
