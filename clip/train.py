@@ -28,11 +28,10 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -40,7 +39,8 @@ from tqdm import tqdm
 from wsi.errors import EncoderError, RunError
 from wsi.runtime import atomic_write_json, package_version, resolve_precision, seed_everything
 
-from .checkpoint import CONFIG, WEIGHTS, check_resume, load_state, save_state, save_weights, write_open_clip_folder
+from .checkpoint import (CONFIG, WEIGHTS, check_resume, finished, load_state, save_state, save_weights, write_metrics,
+                         write_open_clip_folder)
 from .config import ClipTrainConfig
 from .distributed import Ranks, barrier, broadcast, init_distributed
 from .epoch import EpochStats, PairStep, Trainer, epoch_loss, evaluate_pairs, make_loss, train_one_epoch
@@ -94,28 +94,6 @@ def _prepare_model(enc, cfg: ClipTrainConfig):
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, oc_cfg
-
-
-def _plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    ax[0].plot(ep, [h["val"].get("loss", np.nan) for h in history], "o-", label="validation")
-    ax[0].set(xlabel="epoch", ylabel="contrastive loss", title="loss")
-    ax[0].legend()
-    for key, lab in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
-        ax[1].plot(ep, [h["val"].get("recall", {}).get(key, {}).get("R@5", np.nan) for h in history], "o-",
-                   label=f"R@5 {lab}")
-    ax[1].set(xlabel="epoch", ylabel="recall", title="validation retrieval", ylim=(0, 1.02))
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @dataclass
@@ -257,7 +235,7 @@ def setup_run(cfg: ClipTrainConfig, data: Path, out: Path, store, progress: bool
     record = _record(cfg, enc, oc_cfg, data, store, split, precision, workers, ranks)
     resume = check_resume(out, record)  # every rank: each one loads the last state to continue from
     barrier(ranks)  # every rank has read the folder before rank 0 writes this run's record
-    if resume and _finished(out, cfg):  # nothing left to do: no feature cache, no model moves
+    if resume and finished(out, cfg):  # nothing left to do: no feature cache, no model moves
         m = json.loads((out / "metrics.json").read_text())
         log.info("%s: already trained (%s)", out, m["stopped"])
         return m if ranks.main else {}
@@ -367,7 +345,7 @@ def end_epoch(run: Run, t: Trainer, p: Progress, epoch: int, st: EpochStats, tra
     p.epoch = epoch + 1
     save_state(out, t.step, t.opt, t.scaler, {"epoch": epoch, "step": p.gstep, "history": p.history, "best": p.best,
                                               "stopped": None if p.stopped == "epochs" else p.stopped})
-    _write_metrics(out, p.history, p.best, p.stopped, cfg)
+    write_metrics(out, p.history, p.best, p.stopped, cfg)
 
 
 def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store: str | Path | None = None,
@@ -397,28 +375,7 @@ def train_clip(cfg: ClipTrainConfig, data: str | Path, out: str | Path, *, store
     if not ranks.main:
         return {}
     shutil.rmtree(run.out / "cache", ignore_errors=True)
-    metrics = _write_metrics(run.out, p.history, p.best, p.stopped, run.cfg)
+    metrics = write_metrics(run.out, p.history, p.best, p.stopped, run.cfg)
     metrics["seconds_this_process"] = round(time.perf_counter() - t_start, 1)
     metrics["pairs_per_s"] = round(n_seen / max(time.perf_counter() - t_start, 1e-9), 1)
     return metrics
-
-
-def _finished(out: Path, cfg: ClipTrainConfig) -> bool:
-    from .checkpoint import STATE_JSON
-
-    try:
-        meta = json.loads((out / STATE_JSON).read_text())
-        json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(meta.get("stopped")) or meta["epoch"] + 1 >= cfg.epochs or (
-        cfg.max_steps is not None and meta["step"] >= cfg.max_steps)
-
-
-def _write_metrics(out: Path, history: list[dict], best: dict | None, stopped: str, cfg: ClipTrainConfig) -> dict:
-    m = {"history": history, "best_epoch": best and best["epoch"], "best": best, "stopped": stopped,
-         "settings": asdict(cfg)}
-    atomic_write_json(out / "metrics.json", m)
-    if history:
-        _plot_curves(history, out / "curves.png")
-    return m
