@@ -187,7 +187,7 @@ def shard_pairs(pattern_or_dir: str | Path | list, transform: Callable | None = 
     handler = wds.warn_and_continue
     epoch = SharedEpoch(0)
     if resample:
-        stages: list = [ResampledShards2(urls, deterministic=True, epoch=epoch,
+        stages: list = [ResampledShards2("::".join(urls), deterministic=True, epoch=epoch,
                                          worker_seed=functools.partial(_resample_seed, seed))]
     else:
         stages = [wds.SimpleShardList(urls)]

@@ -134,3 +134,38 @@ def test_bad_batch_size_is_one_line_and_a_failed_folder_is_started_afresh(tmp_pa
     with pytest.raises(RunError, match="lr"):
         train_clip(ClipTrainConfig(model="pathoclip-tiny", epochs=1, batch_size=4, lr=2e-3, val_fraction=0.25,
                                    device="cpu", num_workers=0), caps, run, store=store, progress=False)
+
+
+def test_rank_batches_split_the_one_process_batches():
+    import torch
+
+    from clip.loaders import RankBatches
+
+    one = list(RankBatches(37, 8, 1, 0, shuffle=True, generator=torch.Generator().manual_seed(3), drop_last=True))
+    ranks = [list(RankBatches(37, 4, 2, r, shuffle=True, generator=torch.Generator().manual_seed(3),
+                              drop_last=True)) for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 4
+    assert [a + b for a, b in zip(*ranks)] == one
+    # no drop_last: the short last global batch is topped up so both ranks hold equal batches
+    tail = [list(RankBatches(5, 4, 2, r, shuffle=False)) for r in range(2)]
+    assert tail == [[[0, 1, 2]], [[3, 4, 0]]]
+    # validation: whole groups of 6 dealt round-robin, each in forward batches of 4
+    val = [list(RankBatches(17, 4, 2, r, shuffle=False, group=6)) for r in range(2)]
+    assert val[0] == [[0, 1, 2, 3], [4, 5], [12, 13, 14, 15], [16]] and val[1] == [[6, 7, 8, 9], [10, 11]]
+    assert [len(RankBatches(17, 4, 2, r, shuffle=False, group=6)) for r in range(2)] == [4, 2]
+
+
+def test_resampled_shards_give_a_fixed_epoch(tmp_path):
+    """Fewer shards than ranks x workers: shards drawn with replacement (open_clip_train's
+    ResampledShards2), and with_epoch fixes the pairs per epoch; reproducible per epoch."""
+    from clip.data import read_captions
+    from clip.shards import shard_pairs, write_shards
+
+    store, caps = colour_cohort(tmp_path, n_slides=2, per_slide=6)
+    write_shards(read_captions(caps, store=store), tmp_path / "sh", per_shard=5)
+    ds = shard_pairs(tmp_path / "sh", shuffle=4, seed=2, epoch_samples=23, resample=True)
+    texts = []
+    for epoch in (0, 1, 0):
+        ds.set_epoch(epoch)
+        texts.append([t for _, t in ds])
+    assert [len(t) for t in texts] == [23, 23, 23] and texts[0] == texts[2] and texts[0] != texts[1]
