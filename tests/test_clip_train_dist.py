@@ -112,7 +112,7 @@ def test_grad_accum_is_one_large_contrastive_batch(tmp_path):
         assert ha["val"]["loss"] == pytest.approx(hb["val"]["loss"], rel=1e-4)
 
 
-def test_bad_batch_size_is_one_line_and_a_failed_folder_is_started_afresh(tmp_path, capsys):
+def test_bad_batch_size_is_one_line_before_anything_is_written(tmp_path, capsys):
     store, caps = colour_cohort(tmp_path, n_slides=4, per_slide=8)
     run = tmp_path / "run"
     common = ["train", "--captions", str(caps), "--store", str(store), "--out", str(run), *TINY,
@@ -122,6 +122,13 @@ def test_bad_batch_size_is_one_line_and_a_failed_folder_is_started_afresh(tmp_pa
     assert err == ["clip: error: --batch-size 0: must be at least 1"] and not run.exists()
     with pytest.raises(RunError, match="--grad-accum -1"):
         ClipTrainConfig(grad_accum=-1)
+
+
+def test_a_folder_without_a_finished_epoch_is_started_afresh_and_where_to_run_is_not_identity(tmp_path, capsys):
+    store, caps = colour_cohort(tmp_path, n_slides=4, per_slide=8)
+    run = tmp_path / "run"
+    common = ["train", "--captions", str(caps), "--store", str(store), "--out", str(run), *TINY,
+              "--epochs", "1", "--val-fraction", "0.25"]
     # a folder whose run never completed an epoch (no last/state.json) holds nothing to keep
     assert main([*common, "--batch-size", "8"]) == 0
     (run / "last" / "state.json").unlink()
