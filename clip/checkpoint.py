@@ -9,14 +9,19 @@
       curves.png
       last/state.safetensors  the last epoch's model and optimizer tensors, with last/state.json
                               (epoch, step, history, optimizer scalars): what a resumed run continues from
+      cache/<part>-<rank>.npy a locked image tower's outputs while the run trains (each rank writes its
+                              share, all ranks memory-map them; removed when the run ends)
 
 Only safetensors are read back; everything is written atomically.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from wsi.errors import RunError
 from wsi.runtime import atomic_write, atomic_write_json
@@ -75,9 +80,11 @@ def load_state(run_dir: Path, model, optimizer, scaler) -> dict | None:
 
 def check_resume(run_dir: Path, record: dict) -> bool:
     """Whether RUN_DIR holds a run to continue. A run of other settings or other data is refused (one
-    line, naming what changed and the fix), as `mil train` does."""
+    line, naming what changed and the fix), as `mil train` does. A folder whose run never completed an
+    epoch (it failed on the way: a wrong device, a bad batch size) holds nothing to keep: it is
+    started afresh."""
     path = run_dir / CONFIG
-    if not path.is_file():
+    if not path.is_file() or not (run_dir / STATE_JSON).is_file():
         return False
     old = json.loads(path.read_text())
     changes = [f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in ("model", "pretrained", "settings")
@@ -99,3 +106,47 @@ def write_open_clip_folder(run_dir: Path, open_clip_cfg: dict, spec, tokenizer: 
                            "preprocess_cfg": {**open_clip_cfg.get("preprocess_cfg", {}), **pre},
                            "pathmil": {"tokenizer_from": tokenizer}}
     atomic_write_json(run_dir / OPEN_CLIP, cfg)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """curves.png: training / validation loss and validation R@5 per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    ax[0].plot(ep, [h["val"].get("loss", np.nan) for h in history], "o-", label="validation")
+    ax[0].set(xlabel="epoch", ylabel="contrastive loss", title="loss")
+    ax[0].legend()
+    for key, lab in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+        ax[1].plot(ep, [h["val"].get("recall", {}).get(key, {}).get("R@5", np.nan) for h in history], "o-",
+                   label=f"R@5 {lab}")
+    ax[1].set(xlabel="epoch", ylabel="recall", title="validation retrieval", ylim=(0, 1.02))
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finished(out: Path, cfg) -> bool:
+    """Whether the run in `out` has nothing left to do (stopped, or all epochs / steps done)."""
+    try:
+        meta = json.loads((out / STATE_JSON).read_text())
+        json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(meta.get("stopped")) or meta["epoch"] + 1 >= cfg.epochs or (
+        cfg.max_steps is not None and meta["step"] >= cfg.max_steps)
+
+
+def write_metrics(out: Path, history: list[dict], best: dict | None, stopped: str, cfg) -> dict:
+    """metrics.json (and curves.png): per-epoch history, the best epoch, why the run stopped."""
+    m = {"history": history, "best_epoch": best and best["epoch"], "best": best, "stopped": stopped,
+         "settings": asdict(cfg)}
+    atomic_write_json(out / "metrics.json", m)
+    if history:
+        plot_curves(history, out / "curves.png")
+    return m

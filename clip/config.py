@@ -4,8 +4,11 @@ their registry entry (`EncoderSpec.train`, e.g. pathoclip-lite trains locked-ima
 models (ViT-B-16, QuiltNet, ...) take `FINETUNE`, open_clip's fine-tuning practice."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
+
+from wsi.errors import RunError
 
 # open_clip fine-tuning practice for pretrained CLIPs (lr 1e-5, wd 0.2, warm-up, AdamW betas 0.9/0.98)
 FINETUNE = {"lock_image": False, "epochs": 10, "batch_size": 128, "lr": 1e-5, "wd": 0.2, "warmup": 500,
@@ -33,7 +36,8 @@ class ClipTrainConfig:
                 "once and reused every epoch"})
     lock_text: bool = field(default=False, metadata={"help": "freeze the text tower"})
     grad_accum: int = field(default=1, metadata={
-        "help": "micro-batches per optimizer step (each micro-batch is its own contrastive batch)"})
+        "help": "micro-batches per optimizer step, as open_clip's accum_freq: the micro-batches' features are "
+                "cached, so every pair's negatives span the whole accumulated batch"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass "
                                                                       "(less GPU memory, slower)"})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={
@@ -47,6 +51,18 @@ class ClipTrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (cuda:$LOCAL_RANK under torchrun)"})
     num_workers: int | None = field(default=None, metadata={"help": "DataLoader workers (default: 0 on CPU, 8 on a GPU)"})
 
+    def __post_init__(self):
+        """Settings no run can use are refused before anything is written (one line naming the option)."""
+        for name in ("epochs", "batch_size", "patience", "grad_accum", "max_steps"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, name, v, "at least 1")
+        for name in ("lr", "wd"):
+            v = getattr(self, name)
+            _check(v is None or (v >= 0 and math.isfinite(v)), name, v, "0 or more")
+        _check(self.warmup is None or self.warmup >= 0, "warmup", self.warmup, "0 or more")
+        _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a fraction in [0, 1)")
+        _check(self.num_workers is None or self.num_workers >= 0, "num_workers", self.num_workers, "0 or more")
+
     def resolved(self, model_defaults: dict | None) -> "ClipTrainConfig":
         """A copy with every None default filled from the model's training defaults (or FINETUNE)."""
         base = {**FINETUNE, **(model_defaults or {})}
@@ -56,7 +72,13 @@ class ClipTrainConfig:
                 vals[k] = base[k]
         return ClipTrainConfig(**vals)
 
-    # the settings a resumed run must share with the run it continues (device, workers may change)
+    # the settings a resumed run must share with the run it continues: where it runs (device, workers,
+    # precision) is not part of a run's identity and may change between tries
     def settings(self) -> dict:
-        skip = {"device", "num_workers"}
+        skip = {"device", "num_workers", "precision"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+def _check(ok: bool, option: str, value, what: str) -> None:
+    if not ok:
+        raise RunError(f"--{option.replace('_', '-')} {value!r}: must be {what}")

@@ -11,10 +11,9 @@ tiles and other files are encoded at JPEG quality 95.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
-import random
-from multiprocessing import Value
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -137,49 +136,80 @@ def _keep(x):
     return x
 
 
-class _EpochShuffle:
-    """A pipeline stage shuffling its stream in a buffer of `bufsize`, seeded by (seed, epoch) and, for
-    samples, also by rank and worker. The epoch lives in shared memory, so `set_epoch` in the main
-    process reaches DataLoader workers, persistent ones too (open_clip_train's SharedEpoch + detshuffle2)."""
+def _resample_seed(seed: int) -> int:
+    """Per rank and worker (webdataset's rank * 1000 + worker), offset by the run's seed."""
+    from webdataset.utils import pytorch_worker_seed
 
-    def __init__(self, bufsize: int, seed: int, epoch, per_worker: bool):
-        self.bufsize, self.seed, self.epoch, self.per_worker = bufsize, seed, epoch, per_worker
+    return seed * 100_003 + pytorch_worker_seed()
+
+
+class _RankBatches:
+    """A pipeline stage keeping, of a stream cut into batches of `batch_size`, the batches of this
+    (rank, DataLoader worker): whole batches of the one-process run, dealt round-robin, so validation
+    over all ranks sees every pair once and scores the same batches as one process."""
+
+    def __init__(self, batch_size: int, rank: int, world: int):
+        self.b, self.rank, self.world = batch_size, rank, world
 
     def __call__(self, src):
-        from webdataset.filters import _shuffle
         from webdataset.utils import pytorch_worker_info
 
-        rank, _, worker, _ = pytorch_worker_info() if self.per_worker else (0, 1, 0, 1)
-        rng = random.Random(f"{self.seed}/{self.epoch.value}/{rank}/{worker}/{self.per_worker}")
-        return _shuffle(src, self.bufsize, min(self.bufsize, 100), rng)
+        _, _, worker, workers = pytorch_worker_info()
+        mine, every = self.rank * workers + worker, self.world * workers
+        for k, sample in enumerate(src):
+            if (k // self.b) % every == mine:
+                yield sample
 
 
 class ShardPairs(wds.DataPipeline):
     """The IterableDataset `shard_pairs` returns; `set_epoch(epoch)` before each epoch's iterator."""
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch.value = int(epoch)
+        self.epoch.set_value(int(epoch))
 
 
 def shard_pairs(pattern_or_dir: str | Path | list, transform: Callable | None = None, *, shuffle: int = 1000,
-                seed: int = 0) -> ShardPairs:
-    """A streaming IterableDataset of (transform(PIL RGB image), caption) pairs over the shards, laid out
-    as open_clip_train's webdataset pipeline: shard list, shard shuffle (the same order on every rank),
-    split_by_node (torchrun ranks read their own shards), split_by_worker, tar -> samples, sample
-    shuffle buffer of `shuffle`, decode, to_tuple("jpg", "txt"), map the transform. `shuffle` 0 keeps
-    file order. Shuffles are seeded by (seed, epoch): `set_epoch` changes them. A corrupt sample is
+                seed: int = 0, epoch_samples: int | None = None, resample: bool = False,
+                split_by_node: bool = True, rank_batches: tuple[int, int, int] | None = None) -> ShardPairs:
+    """A streaming IterableDataset of (transform(PIL RGB image), caption) pairs over the shards, built
+    from open_clip_train's webdataset pipeline pieces: shard list (or `ResampledShards2` with
+    `resample`: shards drawn with replacement, for fewer shards than ranks x workers), shard shuffle
+    (`detshuffle2`: the same order on every rank), split_by_node (torchrun ranks read their own
+    shards), split_by_worker, tar -> samples, sample shuffle (`detshuffle2`, buffer `shuffle`), decode,
+    to_tuple("jpg", "txt"), map the transform. `shuffle` 0 keeps file order. Shuffles are seeded by
+    (seed, epoch): `set_epoch` changes them (the epoch is shared with DataLoader workers).
+
+    `epoch_samples`: each DataLoader worker of each rank yields exactly this many pairs per epoch
+    (webdataset's `with_epoch`; a rank whose shards hold fewer starts them again), so every rank runs
+    the same number of full batches. `rank_batches=(batch_size, rank, world)` with `split_by_node`
+    False: every rank reads all shards and keeps its whole batches (validation). A corrupt sample is
     skipped with a warning (webdataset's warn_and_continue)."""
+    from open_clip_train.data import ResampledShards2, SharedEpoch, detshuffle2
+
     urls = shard_urls(pattern_or_dir)
     handler = wds.warn_and_continue
-    epoch = Value("i", 0)
-    stages: list = [wds.SimpleShardList(urls)]
-    if shuffle:
-        stages.append(_EpochShuffle(len(urls), seed, epoch, per_worker=False))
-    stages += [wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=handler)]
-    if shuffle:
-        stages.append(_EpochShuffle(int(shuffle), seed, epoch, per_worker=True))
+    epoch = SharedEpoch(0)
+    if resample:
+        stages: list = [ResampledShards2("::".join(urls), deterministic=True, epoch=epoch,
+                                         worker_seed=functools.partial(_resample_seed, seed))]
+    else:
+        stages = [wds.SimpleShardList(urls)]
+        if shuffle:
+            stages.append(detshuffle2(bufsize=len(urls), initial=len(urls), seed=seed, epoch=epoch))
+        if split_by_node:
+            stages.append(wds.split_by_node)
+        if rank_batches is None:
+            stages.append(wds.split_by_worker)
+    stages.append(wds.tarfile_to_samples(handler=handler))
+    if rank_batches is not None:
+        stages.append(_RankBatches(*rank_batches))
+    if shuffle:  # another seed than the shard order's, so the two draws are not the same sequence
+        stages.append(detshuffle2(bufsize=int(shuffle), initial=min(int(shuffle), 100), seed=seed + 7919,
+                                  epoch=epoch))
     stages += [wds.decode("pilrgb", handler=handler), wds.to_tuple("jpg", "txt", handler=handler),
                wds.map_tuple(transform or _keep, _keep, handler=handler)]
     ds = ShardPairs(*stages)
     ds.epoch = epoch
+    if epoch_samples:
+        ds.with_epoch(int(epoch_samples))
     return ds
