@@ -1,4 +1,4 @@
-"""The demo's reasoner stage (issue 11): the pipeline of `vlm` on the cohort, with a tiny model.
+"""The demo's reasoner stage: the pipeline of `vlm` on the cohort, with a tiny model.
 
 A tiny random-weight Qwen2.5-VL (`vlm make-tiny`) is trained briefly through the three stages, each from the
 previous one's output: caption pretraining on the PathoCLIP stage's training captions, chain-of-thought SFT

@@ -1,5 +1,5 @@
-"""vlm's prompt builder, GRPO rewards (with the reward hacks of issue 11) and the judge reward against a real
-HTTP server on 127.0.0.1."""
+"""vlm's prompt builder, GRPO rewards (against the known reward hacks: empty, repeated and contradictory
+answers) and the judge reward against a real HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import base64

@@ -1,7 +1,7 @@
 """The reasoner's data: JSONL rows per stage, `vlm data` (the three files made from a tile store), and the
 images a row refers to.
 
-Rows (one JSON object a line; see issue 11):
+Rows (one JSON object a line):
 
     caption   {"images": [...], "caption": "..."}
     sft       {"images": [...], "messages": [{"role": "user", ...}, {"role": "assistant", "content": "..."}]},

@@ -127,7 +127,7 @@ def tiny_config(vocab_size: int, token_ids: dict[str, int], hidden: int = 64, la
                             vision_end_token_id=token_ids["<|vision_end|>"])
 
 
-# From issue 11's toy MCQ (assistant-only SFT: 1.0 held-out accuracy in ~40 steps at lr 3e-3, batch 8; GRPO at
+# Measured on the tests' toy MCQ (assistant-only SFT: 1.0 held-out accuracy in ~40 steps at lr 3e-3, batch 8; GRPO at
 # lr 3e-4, 4 generations, beta 0 raises the reward; lr 1e-3 games it). Completions: 64 tokens, as the SFT
 # targets `vlm data` writes are 42-47 tokens of this tokenizer (40 would truncate some, and truncated
 # completions score 0 on format).

@@ -19,9 +19,9 @@ import numpy as np
 from wsi.errors import LabelsError
 
 
-def read_patients(labels_csv: str | Path) -> dict[str, str]:
-    """{slide_id: patient_id} of a labels CSV (`slide_id,label[,patient_id][,split]`); a row without a
-    patient_id is its own patient. LabelsError (one line) when the file has no slide_id column."""
+def _labels_rows(labels_csv: str | Path, need: Sequence[str]) -> tuple[list[dict], dict[str, str]]:
+    """The rows of a labels CSV and its columns by lower-case name; LabelsError (one line) when it cannot
+    be read or lacks a column of `need`."""
     path = Path(labels_csv)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
@@ -30,8 +30,17 @@ def read_patients(labels_csv: str | Path) -> dict[str, str]:
         raise LabelsError(f"{path}: cannot read the labels CSV ({type(e).__name__}); give a CSV with columns "
                           "slide_id,label[,patient_id]") from None
     cols = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
-    if "slide_id" not in cols:
-        raise LabelsError(f"{path}: no slide_id column; give a CSV with columns slide_id,label[,patient_id]")
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise LabelsError(f"{path}: no {' or '.join(missing)} column; give a CSV with columns "
+                          "slide_id,label[,patient_id]")
+    return rows, cols
+
+
+def read_patients(labels_csv: str | Path) -> dict[str, str]:
+    """{slide_id: patient_id} of a labels CSV (`slide_id,label[,patient_id][,split]`); a row without a
+    patient_id is its own patient. LabelsError (one line) when the file has no slide_id column."""
+    rows, cols = _labels_rows(labels_csv, ["slide_id"])
     sid, pid = cols["slide_id"], cols.get("patient_id")
     out = {}
     for r in rows:
@@ -43,17 +52,7 @@ def read_patients(labels_csv: str | Path) -> dict[str, str]:
 
 def read_slide_labels(labels_csv: str | Path) -> dict[str, str]:
     """{slide_id: label} of a labels CSV (`slide_id,label[,patient_id][,split]`)."""
-    path = Path(labels_csv)
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError) as e:
-        raise LabelsError(f"{path}: cannot read the labels CSV ({type(e).__name__}); give a CSV with columns "
-                          "slide_id,label[,patient_id]") from None
-    cols = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
-    if "slide_id" not in cols or "label" not in cols:
-        raise LabelsError(f"{path}: needs slide_id and label columns; give a CSV with columns "
-                          "slide_id,label[,patient_id]")
+    rows, cols = _labels_rows(labels_csv, ["slide_id", "label"])
     return {r[cols["slide_id"]].strip(): (r[cols["label"]] or "").strip() for r in rows
             if (r[cols["slide_id"]] or "").strip()}
 
