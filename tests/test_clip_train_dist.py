@@ -78,38 +78,26 @@ def test_torchrun_on_uneven_shards_stops_early_together_and_validates_on_everyth
     assert not (tmp_path / "two" / "cache").exists()
 
 
-def test_two_ranks_at_batch_b_train_like_one_process_at_batch_2b(tmp_path):
-    """Locked image tower (its outputs cached once, each rank computing half), 96 training pairs: two
-    ranks at batch 8 (ClipLoss gathers features with their gradients, DDP averages) give the same
-    losses, validation and recall as one process at batch 16, epoch by epoch."""
+def test_two_ranks_at_batch_b_and_grad_accum_train_like_one_process_at_batch_2b(tmp_path):
+    """Locked image tower (its outputs cached once, each rank computing half; no augmentation, whose
+    random draws follow the order tiles are read in a batch), 96 training pairs, against one process
+    at batch 16: two ranks at batch 8 (ClipLoss gathers features with their gradients, DDP averages)
+    and one process at batch 8 with --grad-accum 2 (features cached, each micro-batch scored against
+    the whole 16) give the same steps, losses, validation and recall, epoch by epoch."""
     store, caps = colour_cohort(tmp_path, n_slides=4, per_slide=32)
     args = ["--captions", str(caps), "--store", str(store), *TINY, "--lock-image", "--epochs", "2", "--lr", "3e-3",
             "--patience", "5", "--val-fraction", "0.25"]
-    _train([*args, "--batch-size", "8", "--out", str(tmp_path / "two")], procs=2)
     _train([*args, "--batch-size", "16", "--out", str(tmp_path / "one")], procs=1)
-    a, b = (json.loads((tmp_path / r / "metrics.json").read_text())["history"] for r in ("two", "one"))
-    assert [h["batches"] for h in a] == [6, 6] and [h["batches"] for h in b] == [6, 6]
-    assert a[-1]["train_loss"] < a[0]["train_loss"]
-    for ha, hb in zip(a, b):
-        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
-        _close(ha["val"], hb["val"])
-
-
-def test_grad_accum_is_one_large_contrastive_batch(tmp_path):
-    """--grad-accum 2 at batch 8 (features cached, each micro-batch scored against the whole 16) takes
-    the same steps as batch 16: the same losses every epoch. (Locked image tower: no augmentation,
-    whose random draws follow the order tiles are read in a batch.)"""
-    store, caps = colour_cohort(tmp_path, n_slides=4, per_slide=32)
-    base = dict(model="pathoclip-tiny", lock_image=True, epochs=2, lr=3e-3, warmup=2, val_fraction=0.25, patience=5, device="cpu",
-                num_workers=0)
-    a = train_clip(ClipTrainConfig(**base, batch_size=8, grad_accum=2), caps, tmp_path / "acc", store=store,
-                   progress=False)["history"]
-    b = train_clip(ClipTrainConfig(**base, batch_size=16), caps, tmp_path / "big", store=store,
-                   progress=False)["history"]
-    assert [h["step"] for h in a] == [h["step"] for h in b] == [6, 12]
-    for ha, hb in zip(a, b):
-        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
-        assert ha["val"]["loss"] == pytest.approx(hb["val"]["loss"], rel=1e-4)
+    _train([*args, "--batch-size", "8", "--out", str(tmp_path / "two")], procs=2)
+    _train([*args, "--batch-size", "8", "--grad-accum", "2", "--out", str(tmp_path / "acc")], procs=1)
+    one, two, acc = (json.loads((tmp_path / r / "metrics.json").read_text())["history"] for r in ("one", "two", "acc"))
+    assert [h["batches"] for h in two] == [6, 6] and [h["batches"] for h in one] == [6, 6]
+    assert [h["step"] for h in acc] == [h["step"] for h in one] == [6, 12]
+    assert one[-1]["train_loss"] < one[0]["train_loss"]
+    for other in (two, acc):
+        for ha, hb in zip(other, one):
+            assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-4)
+            _close(ha["val"], hb["val"])
 
 
 def test_bad_batch_size_is_one_line_before_anything_is_written(tmp_path, capsys):
