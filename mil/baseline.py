@@ -57,10 +57,11 @@ def sample_instances(bags: Sequence[Bag], targets: Sequence[int], max_instances:
 
 
 def fit_inheritance(x: np.ndarray, y: np.ndarray, *, seed: int = 0, device: str | torch.device = "cpu",
-                    epochs: int = 4, batch_size: int = 512, lr: float = 1e-3, weight_decay: float = 1e-4,
-                    hidden: int = 256, dropout: float = 0.25) -> InstanceStudent:
+                    epochs: int = 4, min_steps: int = 100, batch_size: int = 512, lr: float = 1e-3,
+                    weight_decay: float = 1e-4, hidden: int = 256, dropout: float = 0.25) -> InstanceStudent:
     """An `InstanceStudent` (2 logits: negative, positive) fitted to instances x (n, D) and their
-    inherited labels y (n,) by class-balanced cross-entropy; returned in eval mode on `device`."""
+    inherited labels y (n,) by class-balanced cross-entropy, for `epochs` passes but at least
+    `min_steps` optimizer steps (a small cohort still gets trained); returned in eval mode on `device`."""
     dev = torch.device(device)
     devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -69,7 +70,9 @@ def fit_inheritance(x: np.ndarray, y: np.ndarray, *, seed: int = 0, device: str 
         counts = np.bincount(y, minlength=2).astype(np.float64)
         weight = torch.tensor([len(y) / (2 * c) if c else 0.0 for c in counts], dtype=torch.float32, device=dev)
         xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
-        steps = max(1, epochs * math.ceil(len(y) / batch_size))
+        per_epoch = max(1, math.ceil(len(y) / batch_size))
+        epochs = max(epochs, math.ceil(min_steps / per_epoch))
+        steps = epochs * per_epoch
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         gen = torch.Generator().manual_seed(seed)
