@@ -191,8 +191,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["abmil", "clam-sb", "dsmil", "transmil"])
     p.add_argument("--folds", type=int, default=None, help="default: 4 synth, 3 features")
     p.add_argument("--epochs", type=int, default=None, help="default: 40 synth, 12 features (--quick: 8)")
-    p.add_argument("--knobs", nargs="+", choices=list(KNOBS), default=list(KNOBS),
-                   help="features: the knobs swept (default: all), one at a time around the subtle point")
+    p.add_argument("--knobs", nargs="*", choices=list(KNOBS), default=list(KNOBS),
+                   help="features: the knobs swept (default: all), one at a time around the subtle point; "
+                        "`--knobs` alone: the subtle point only")
     p.add_argument("--dim", type=int, default=None, help="features: feature dimension (default 128; --quick 64)")
     p.add_argument("--quick", action="store_true",
                    help="features: one seed, 48 slides, 64-d, 8 epochs, each knob's far end only")
