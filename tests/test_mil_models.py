@@ -208,6 +208,26 @@ def test_nystrom_matches_the_reference_when_landmarks_divide_the_length():
     assert close(out, ref)
 
 
+def test_a_bag_within_the_landmarks_gets_the_attention_its_nystrom_approximation_converges_to():
+    """At most L tokens: one token per landmark, so Nystrom's attn1 @ pinv(attn2) @ attn3 is softmax
+    attention once the pinv converges; the exact path gives that, CLS row included."""
+    from mil.models.transmil import NystromAttention
+
+    torch.manual_seed(0)
+    att = NystromAttention(32, heads=4, dim_head=8, num_landmarks=64, pinv_iterations=20, residual_kernel=33,
+                           dropout=0.0).eval()
+    x, valid = torch.randn(2, 50, 32), torch.arange(50)[None] < torch.tensor([[50], [37]])
+    lengths = valid.sum(1)
+    with torch.no_grad():
+        out, cls = att(x, valid, lengths, cls_attention=True)
+        q, k, v = (t.unflatten(-1, (4, -1)).transpose(1, 2) for t in att.to_qkv(x).chunk(3, -1))
+        vm = valid[:, None, :, None]
+        q, k, v = q * (vm * 8 ** -0.5), k * vm, v * vm
+        approx, cls_approx = att._nystrom(q, k, v, valid, lengths, True)
+        ref = att.to_out((approx + att.res_conv(v)).transpose(1, 2).flatten(2))
+    assert torch.allclose(out[valid], ref[valid], atol=1e-3) and torch.allclose(cls, cls_approx, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["abmil", "clam-sb", "dsmil", "transmil"])
 def test_chunked_and_checkpointed_instances_give_the_same_outputs_and_gradients(name, monkeypatch):
     """Very large bags run their per-instance layers in checkpointed chunks; nothing may change."""

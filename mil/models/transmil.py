@@ -8,6 +8,9 @@ all needed for padding invariance: landmarks are the means of L_b = min(L, T_b) 
 of each bag's own T_b tokens (lucidrains front-pads the sequence with zero tokens to a multiple of L);
 unused landmarks are masked and get identity rows/cols in the landmark kernel so the iterative
 pseudo-inverse stays block diagonal; its initial scaling is taken per bag, not over the whole batch.
+A bag of at most L tokens (one token per landmark) gets the softmax attention that its Nystrom
+approximation converges to, computed directly: exact, and without the pinv's O(L^3) iterations, which
+made small bags (a few hundred tiles, L = 256) cost ~20x their attention.
 """
 from __future__ import annotations
 
@@ -57,32 +60,57 @@ class NystromAttention(nn.Module):
 
     def forward(self, x: Tensor, valid: Tensor, lengths: Tensor, cls_attention: bool = False):
         B, T, _ = x.shape
-        # Landmark slots beyond the largest bag's L_b would only add identity blocks to the pinv:
-        # leaving them out changes no output and makes small bags ~8x cheaper.
-        m = min(self.m, int(lengths.max()))
         vm = valid[:, None, :, None]
         # Zeroed values at padding: the residual conv then sees what its own zero padding would give.
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
         q, k, v = q * (vm * self.scale), k * vm, v * vm                          # (B, H, T, d)
+        # A bag of at most L tokens has one token per landmark: its Nystrom approximation
+        # attn1 @ pinv(attn2) @ attn3 is softmax attention itself (the three kernels are all the full
+        # softmax kernel A, and A A+ A = A), which the pinv's iterations only approximate at O(T^3)
+        # cost. Such bags take the exact softmax attention; larger ones the Nystrom approximation.
+        small = lengths <= self.m
+        out = v.new_zeros(v.shape)
+        cls = v.new_zeros(B, T) if cls_attention else None
+        for part, fn in ((small, self._exact), (~small, self._nystrom)):
+            if not bool(part.any()):
+                continue
+            idx = part.nonzero().squeeze(1)
+            t = int(lengths[idx].max())                                        # this part's padded length
+            o, c = fn(q[idx, :, :t], k[idx, :, :t], v[idx, :, :t], valid[idx, :t], lengths[idx], cls_attention)
+            out[idx, :, :t] = o
+            if cls is not None:
+                cls[idx, :t] = c
+        out = out + self.res_conv(v)
+        return self.to_out(out.transpose(1, 2).flatten(2)), cls
+
+    @staticmethod
+    def _exact(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, lengths: Tensor, cls_attention: bool):
+        """Softmax attention over each bag's valid keys; the CLS query's row, mean over heads."""
+        attn = _scores(q, k, valid).softmax(-1)                                # (B, H, T, T)
+        return attn @ v, (attn[:, :, 0].mean(1) if cls_attention else None)
+
+    def _nystrom(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, lengths: Tensor, cls_attention: bool):
+        """The Nystrom approximation of softmax attention (landmarks: means of L_b contiguous segments)."""
+        B, _, T, _ = q.shape
+        m = self.m
         n_lm = lengths.clamp(max=m)                                            # L_b
-        seg = torch.arange(T, device=x.device)[None] * n_lm[:, None] // lengths[:, None]
+        seg = torch.arange(T, device=q.device)[None] * n_lm[:, None] // lengths[:, None]
         seg = torch.where(valid, seg, m)                                       # padding -> a dropped slot
         idx = seg[:, None, :, None].expand_as(q)
-        count = torch.zeros(B, m + 1, device=x.device, dtype=x.dtype).scatter_add_(1, seg, valid.to(x.dtype))
+        count = torch.zeros(B, m + 1, device=q.device, dtype=q.dtype).scatter_add_(1, seg, valid.to(q.dtype))
         count = count[:, None, :m, None].clamp(min=1)
         q_l = q.new_zeros(*q.shape[:2], m + 1, q.shape[-1]).scatter_add_(2, idx, q)[:, :, :m] / count
         k_l = k.new_zeros(*k.shape[:2], m + 1, k.shape[-1]).scatter_add_(2, idx, k)[:, :, :m] / count
-        lm = torch.arange(m, device=x.device)[None] < n_lm[:, None]            # (B, L) landmark in use
+        lm = torch.arange(m, device=q.device)[None] < n_lm[:, None]            # (B, L) landmark in use
         # The two big kernels only mask columns (unused landmarks, padded keys): every row keeps at least
         # one column, so a -inf bias gives exact zeros. Rows of unused landmarks in attn3 stay finite and
         # are never used: their columns in attn1 are exactly 0 and the pinv is block diagonal.
         attn1 = _scores(q, k_l, lm).softmax(-1)                                # (B, H, T, L)
         attn3 = _scores(q_l, k, valid).softmax(-1)                             # (B, H, L, T)
         attn2 = masked_softmax(q_l @ k_l.transpose(-1, -2), (lm[:, :, None] & lm[:, None, :])[:, None])
-        attn2 = attn2 + torch.diag_embed((~lm).to(x.dtype))[:, None]         # identity on unused landmarks
+        attn2 = attn2 + torch.diag_embed((~lm).to(q.dtype))[:, None]         # identity on unused landmarks
         z = iterative_pinv(attn2, self.iters)
-        out = attn1 @ (z @ (attn3 @ v)) + self.res_conv(v)
-        out = self.to_out(out.transpose(1, 2).flatten(2))
+        out = attn1 @ (z @ (attn3 @ v))
         if not cls_attention:
             return out, None
         # The CLS query's row of the Nystrom approximation attn1 @ pinv @ attn3, mean over heads.
