@@ -49,6 +49,13 @@ class W2SConfig:
     evidence: bool = field(default=True, metadata={
         "help": "gate the teacher's and the hardened labels by negative-bag evidence (mi-SVM-style k-NN)",
         "off_help": "no negative-bag evidence: the teacher's labels as they are (the method before issue 9)"})
+    evidence_kind: Literal["contrast", "knn", "both"] = field(default="both", metadata=_help(
+        "contrast: a calibrated linear classifier of positive- against negative-bag tiles (sees a subtle shift); "
+        "knn: k-NN enrichment against the negative bags (sees a distinct type); both: the larger of the two"))
+    contrast_radius: int = field(default=1, metadata=_help(
+        "the contrast describes a tile by the mean of its features over this many tiles around it (0: the tile)"))
+    contrast_rounds: int = field(default=3, metadata=_help(
+        "fits of the contrast: the first on inherited labels, each later one on the positives it kept (mi-SVM)"))
     evidence_k: int = field(default=5, metadata=_help("neighbours per reference class in the evidence"))
     evidence_refs: int = field(default=8192, metadata=_help(
         "reference instances sampled per class (negative bags, positive bags) for the evidence"))
@@ -66,9 +73,11 @@ class W2SConfig:
         check_setting(0 <= self.reject_below < 1, "w2s_reject", self.reject_below, "a probability in [0, 1)")
         check_setting(0 <= self.fp_rate < 1, "w2s_fp_rate", self.fp_rate, "a rate in [0, 1)")
         check_setting(0 < self.evidence_quantile < 1, "w2s_evidence_quantile", self.evidence_quantile, "in (0, 1)")
-        for name in ("evidence_k", "evidence_refs", "backoff_patience"):
+        check_setting(self.evidence_kind in ("contrast", "knn", "both"), "w2s_evidence_kind", self.evidence_kind,
+                      "contrast, knn or both")
+        for name in ("evidence_k", "evidence_refs", "backoff_patience", "contrast_rounds"):
             check_setting(getattr(self, name) >= 1, f"w2s_{name}", getattr(self, name), "at least 1")
-        for name in ("warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight",
+        for name in ("contrast_radius", "warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight",
                      "backoff_tol", "backoff_rel"):
             check_setting(getattr(self, name) >= 0, f"w2s_{name}", getattr(self, name), "0 or more")
 

@@ -20,6 +20,12 @@ NIPS 2002), as a k-nearest-neighbour score calibrated on the negative bags thems
 teacher's labels and the student's hardened labels, so the teacher cannot hand a confounder to the
 student (issue 9), and it vouches for instances the attention overlooked.
 
+Discriminative evidence (`mil.contrast.contrast_evidence`): a subtle tumour, a small shift of a common
+normal tissue, has normal nearest neighbours and escapes the k-NN evidence; a calibrated linear contrast
+of positive- against negative-bag tiles sees the shift. `fold_evidence` computes the kind `W2SConfig.
+evidence_kind` names; "both" takes the larger of the two per instance (an instance is explained only
+when both say so).
+
 Back-off: filtering and distillation feed the student back into the bag branch; `mil/train.py` keeps
 them only while they do not hurt the validation bag loss (see `W2SConfig.backoff_tol`).
 
@@ -43,7 +49,8 @@ import torch.nn.functional as F
 
 from .config import W2SConfig
 
-__all__ = ["W2SConfig", "class_loss", "distill_loss", "hardened_student", "keep_mask", "negative_evidence",
+__all__ = ["W2SConfig", "class_loss", "distill_loss", "fold_evidence", "hardened_student", "keep_mask",
+           "negative_evidence",
            "positive_logit", "student_loss", "teacher_labels"]
 
 
@@ -270,3 +277,31 @@ def negative_evidence(features: list, labels: list[int], *, k: int = 5, max_refs
             "d0": d0, "temperature": temp, "positive_instances": n_pos,
             "share_above_half": high / max(n_pos, 1)}
     return out, info
+
+
+def fold_evidence(bags: list, labels: list[int], w: W2SConfig, *, seed: int = 0,
+                  device: str | torch.device = "cpu") -> tuple[list, dict]:
+    """The negative-bag evidence of a fold's training bags (`labels`: 1 positive bag, 0 negative) as
+    `w.evidence_kind` names it: "knn" (`negative_evidence`), "contrast" (`mil.contrast.contrast_evidence`)
+    or "both", e = max(e_knn, e_contrast). Returns per-bag arrays and a summary (per kind under "both")."""
+    from .cohort import LazyFeatures
+    from .contrast import contrast_evidence
+
+    feats = [LazyFeatures(b) for b in bags]
+    parts: dict[str, tuple[list, dict]] = {}
+    if w.evidence_kind in ("knn", "both"):
+        parts["knn"] = negative_evidence(feats, labels, k=w.evidence_k, max_refs=w.evidence_refs,
+                                         quantile=w.evidence_quantile, seed=seed, device=device)
+    if w.evidence_kind in ("contrast", "both"):
+        parts["contrast"] = contrast_evidence(feats, labels, [b.coords for b in bags], radius=w.contrast_radius,
+                                              rounds=w.contrast_rounds, max_refs=2 * w.evidence_refs,
+                                              quantile=w.evidence_quantile, seed=seed, device=device)
+    done = [p for p in parts.values() if p[1]["computed"]]
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    if not done:
+        return parts["knn"][0], {"computed": False, **{k: v[1] for k, v in parts.items()}}
+    e = [np.maximum.reduce([p[0][i] for p in done]) for i in range(len(bags))]
+    n = sum(len(x) for x, y in zip(e, labels) if y == 1)
+    high = sum(int((x > 0.5).sum()) for x, y in zip(e, labels) if y == 1)
+    return e, {"computed": True, "share_above_half": high / max(n, 1), **{k: v[1] for k, v in parts.items()}}
