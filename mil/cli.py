@@ -26,10 +26,12 @@ def _fmt(s: dict | None) -> str:
 
 def metrics_rows(metrics: list[dict]) -> str:
     """Bag and instance metrics of one or more runs, one row per run."""
-    rows = [("model", "w2s", "bag AUC", "bag bal.acc", "inst AUC (student)", "inst AUC (attention)", "inst AP (student)")]
+    rows = [("model", "w2s", "bag AUC", "bag bal.acc", "inst AUC (student)", "inst AUC (attention)",
+             "inst AUC (baseline)", "inst AP (student)")]
     for m in metrics:
         rows.append((m["model"], "yes" if m["w2s"] else "no", _fmt(m["bag_auc"]), _fmt(m["bag_balanced_accuracy"]),
-                     _fmt(m["instance_auc"]), _fmt(m["instance_auc_attention"]), _fmt(m["instance_ap"])))
+                     _fmt(m["instance_auc"]), _fmt(m["instance_auc_attention"]),
+                     _fmt(m.get("instance_auc_baseline")), _fmt(m["instance_ap"])))
     return format_table(rows)
 
 
@@ -51,6 +53,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
              cohort.class_names, cohort.positive_class, cohort.dim, cohort.encoder)
     metrics = train_cohort(cohort, cfg, a.out, instance_labels=a.instance_labels, progress=not a.quiet, data=data)
     print(metrics_rows([metrics]))
+    if metrics.get("instance_auc_baseline"):
+        cost = metrics.get("baseline_seconds") or {}
+        print("inst AUC (baseline): an instance classifier trained on the slide label given to every tile (the "
+              f"inheritance baseline; {cost.get('mean', float('nan')):.1f} s per fold; --no-baseline skips it)")
     offs = [(k, b[-1]) for k, b in enumerate(metrics.get("w2s_backoff") or []) if b]
     if offs:
         print("w2s feedback backed off (it hurt the validation bag loss): " + "; ".join(

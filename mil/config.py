@@ -131,6 +131,10 @@ class TrainConfig:
     negative_class: str | None = field(default=None, metadata=_help(
         "multi-class tasks: the class of sure-negative bags (normal tissue) for the instance student and --w2s "
         "(default: the one class named like normal, benign, negative ...; none: pure subtyping)"))
+    baseline: bool = field(default=True, metadata={
+        "help": "with tile labels, also score the inheritance baseline (mil.baseline) on each fold's test slides",
+        "off_help": "skip the inheritance baseline (an instance classifier trained on slide labels given to every "
+                    "tile) that is otherwise reported next to the student's instance AUC"})
     w2s: W2SConfig = field(default_factory=lambda: W2SConfig(enabled=False))
 
     def __post_init__(self):

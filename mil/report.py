@@ -16,16 +16,19 @@ if TYPE_CHECKING:
 
 
 def summarize_run(results: list["FoldResult"], config: dict) -> dict[str, Any]:
-    """metrics.json: bag metrics and instance metrics as {"mean", "std", "folds"}."""
+    """metrics.json: bag metrics and instance metrics as {"mean", "std", "folds"}: the student's
+    (instance_auc), the attention's (instance_auc_attention) and, when it ran, the inheritance
+    baseline's (instance_auc_baseline, and its cost per fold in baseline_seconds)."""
     m: dict[str, Any] = {"model": config["model"], "w2s": config["w2s"], "positive_class": config["positive_class"],
                          "class_names": config["class_names"], "encoder": config["encoder"],
                          "folds": len(results), "run_id": config["run_id"]}
     for key in ("auc", "accuracy", "balanced_accuracy", "f1"):
         m[f"bag_{key}"] = summarize([r.metrics[key] for r in results])
-    for who, suffix in (("student", ""), ("attention", "_attention")):
+    for who, suffix in (("student", ""), ("attention", "_attention"), ("baseline", "_baseline")):
         for key in ("auc", "ap"):
             vals = [r.instance[who][key] if r.instance.get(who) else None for r in results]
             m[f"instance_{key}{suffix}"] = summarize(vals)
+    m["baseline_seconds"] = summarize([(r.instance.get("baseline") or {}).get("seconds") for r in results])
     names = config["class_names"]
     if len(names) > 2 and all("confusion" in r.metrics for r in results):   # (older runs' folds lack them)
         # bag_auc is the macro one-vs-rest AUC; per class: one-vs-rest AUC; confusion: summed over the

@@ -172,13 +172,34 @@ def evaluate(model, bags: list[Bag], cfg: TrainConfig, device: torch.device, fee
             "instance": inst, "attention": att}
 
 
-def _instance_eval(bags: list[Bag], ev: dict) -> dict[str, dict | None]:
+def _instance_eval(bags: list[Bag], ev: dict, baseline: dict | None = None) -> dict[str, dict | None]:
+    """Instance AUC / AP of the student and the attention (and of the inheritance baseline's scores,
+    `baseline`: {"scores": per bag, "seconds"}) on the bags with tile labels."""
     have = [i for i, b in enumerate(bags) if b.instance_labels is not None]
     if not have:
         return {"student": None, "attention": None}
     truth = np.concatenate([bags[i].instance_labels for i in have])
-    return {"student": instance_metrics(truth, np.concatenate([ev["instance"][i] for i in have])),
-            "attention": instance_metrics(truth, np.concatenate([ev["attention"][i] for i in have]))}
+    out = {"student": instance_metrics(truth, np.concatenate([ev["instance"][i] for i in have])),
+           "attention": instance_metrics(truth, np.concatenate([ev["attention"][i] for i in have]))}
+    if baseline is not None:
+        m = instance_metrics(truth, np.concatenate([baseline["scores"][i] for i in have]))
+        out["baseline"] = None if m is None else {**m, "seconds": baseline["seconds"]}
+    return out
+
+
+def _baseline(train_bags: list[Bag], test_bags: list[Bag], cfg: TrainConfig, device: torch.device,
+              negative: int) -> dict | None:
+    """The inheritance baseline's instance scores on the test bags (`mil.baseline`), when asked for
+    and some test bag has tile labels; None otherwise."""
+    if not cfg.baseline or not any(b.instance_labels is not None for b in test_bags):
+        return None
+    import time
+
+    from .baseline import inheritance_scores
+
+    t0 = time.perf_counter()
+    scores = inheritance_scores(train_bags, test_bags, seed=cfg.seed, device=device, negative=negative)
+    return {"scores": scores, "seconds": time.perf_counter() - t0}
 
 
 def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool = True,
@@ -314,7 +335,8 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
     result = FoldResult(fold=split.fold, best_epoch=best_epoch, history=history,
                         test_ids=[b.slide_id for b in test_bags], test_labels=labels,
                         test_probs=ev["probs"].tolist(), metrics=metrics,
-                        instance=_instance_eval(test_bags, ev) if binary else {"student": None, "attention": None},
+                        instance=(_instance_eval(test_bags, ev, _baseline(train_bags, test_bags, cfg, device, 0))
+                                  if binary else {"student": None, "attention": None}),
                         w2s=w2s_info)
     return model, result
 
