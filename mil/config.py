@@ -56,6 +56,8 @@ class W2SConfig:
         "the contrast describes a tile by the mean of its features over this many tiles around it (0: the tile)"))
     contrast_rounds: int = field(default=3, metadata=_help(
         "fits of the contrast: the first on inherited labels, each later one on the positives it kept (mi-SVM)"))
+    prefit_steps: int = field(default=600, metadata=_help(
+        "instance-level steps fitting the student to the evidence before the bag loop (0: none)"))
     evidence_k: int = field(default=5, metadata=_help("neighbours per reference class in the evidence"))
     evidence_refs: int = field(default=8192, metadata=_help(
         "reference instances sampled per class (negative bags, positive bags) for the evidence"))
@@ -77,7 +79,7 @@ class W2SConfig:
                       "contrast, knn or both")
         for name in ("evidence_k", "evidence_refs", "backoff_patience", "contrast_rounds"):
             check_setting(getattr(self, name) >= 1, f"w2s_{name}", getattr(self, name), "at least 1")
-        for name in ("contrast_radius", "warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight",
+        for name in ("contrast_radius", "prefit_steps", "warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight",
                      "backoff_tol", "backoff_rel"):
             check_setting(getattr(self, name) >= 0, f"w2s_{name}", getattr(self, name), "0 or more")
 

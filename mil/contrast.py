@@ -19,8 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-import os
-HARD = os.environ.get('HARD', 's0'); HW = float(os.environ.get('HW', '1')); CAT = os.environ.get('CAT') == '1'
 
 __all__ = ["contrast_evidence", "neighbourhood_mean"]
 
@@ -48,8 +46,7 @@ def neighbourhood_mean(features: np.ndarray, coords: np.ndarray | None, radius: 
             ok = j >= 0
             total[ok] += f[j[ok]]
             count[ok] += 1
-    m = total / count[:, None]
-    return np.concatenate([f, m], 1) if CAT else m
+    return total / count[:, None]
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float, init: torch.Tensor | None) -> torch.Tensor:
@@ -69,14 +66,19 @@ def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, l2: float, init: tor
 
 
 def _sample(features: list, coords: list, bags: list[int], m: int, radius: int,
-            rng: np.random.Generator) -> np.ndarray:
-    """Up to m instances drawn uniformly across `bags`, as neighbourhood means."""
+            rng: np.random.Generator, tiles: bool = False) -> np.ndarray:
+    """Up to m instances drawn uniformly across `bags`, as neighbourhood means (with `tiles`, also
+    as the tiles alone, stacked after them)."""
     sizes = np.array([len(features[b]) for b in bags])
     flat = np.sort(rng.choice(int(sizes.sum()), min(m, int(sizes.sum())), replace=False))
     starts = np.concatenate([[0], np.cumsum(sizes)])
     owner = np.searchsorted(starts, flat, side="right") - 1
-    return np.concatenate([neighbourhood_mean(features[bags[o]], coords[bags[o]], radius)[flat[owner == o] - starts[o]]
-                           for o in np.unique(owner)])
+    rows = [(o, flat[owner == o] - starts[o]) for o in np.unique(owner)]
+    out = np.concatenate([neighbourhood_mean(features[bags[o]], coords[bags[o]], radius)[r] for o, r in rows])
+    if tiles and radius > 0:
+        alone = np.concatenate([np.asarray(features[bags[o]][r], np.float32) for o, r in rows])
+        out = np.concatenate([out, alone])
+    return out
 
 
 @torch.no_grad()
@@ -110,10 +112,11 @@ def contrast_evidence(features: list, labels: list[int], coords: list | None = N
     neg = [neg[i] for i in rng.permutation(len(neg))]
     cal, fit = neg[:len(neg) // 2], neg[len(neg) // 2:]
 
-    def take(bags, m):
-        return torch.from_numpy(_sample(features, coords, bags, m, radius, rng)).to(dev)
+    def take(bags, m, tiles=False):
+        return torch.from_numpy(_sample(features, coords, bags, m, radius, rng, tiles)).to(dev)
 
-    xp, xn, xc = take(pos, max_refs), take(fit, max_refs), take(cal, max(1, max_refs // 2))
+    xp, xn, xc = take(pos, max_refs), take(fit, max_refs, True), take(cal, max(1, max_refs // 2))
+
     both = torch.cat([xp, xn])
     mu, sd = both.mean(0), both.std(0).clamp_min(1e-6)
     xp, xn, xc = ((t - mu) / sd for t in (xp, xn, xc))
@@ -124,7 +127,7 @@ def contrast_evidence(features: list, labels: list[int], coords: list | None = N
     for r in range(max(1, rounds)):
         # class-balanced: the positive class and the negative class weigh 1/2 each; within the negatives,
         # the hard ones (N above s0) weigh together as much as all of N
-        wneg = torch.cat([1 - keep, torch.ones(len(xn), device=dev) + hard.float() * HW * len(xn) / max(int(hard.sum()), 1)])
+        wneg = torch.cat([1 - keep, torch.ones(len(xn), device=dev) + hard.float() * len(xn) / max(int(hard.sum()), 1)])
         w = torch.cat([keep * 0.5 / keep.sum().clamp_min(1.0), torch.zeros(len(xn), device=dev)]) \
             + wneg * 0.5 / wneg.sum().clamp_min(1e-12)
         y = torch.cat([keep, torch.zeros(len(xn), device=dev)])
@@ -139,14 +142,15 @@ def contrast_evidence(features: list, labels: list[int], coords: list | None = N
                         "hard_negatives": float((sn > s0).float().mean().item())})
         if not (sp > s0).any():
             break
-        keep = (sp > s0).float()
-        hard = sn > torch.quantile(sn, quantile) if HARD == "q" else sn > s0
+        keep, hard = (sp > s0).float(), sn > s0
     w_, b_ = (theta[:-1] / sd).cpu(), (theta[-1] - (mu / sd) @ theta[:-1]).item()
+
     n_pos, high = 0, 0
     for i in pos:
         f = neighbourhood_mean(features[i], coords[i], radius)
         s = np.concatenate([(torch.from_numpy(f[j:j + chunk]) @ w_).numpy() for j in range(0, len(f), chunk)]) + b_
         e = (1 / (1 + np.exp(-np.clip((s - s0) / temp, -60, 60)))).astype(np.float32)
+
         out[i] = e
         n_pos += len(e)
         high += int((e > 0.5).sum())

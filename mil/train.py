@@ -238,6 +238,13 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
                  cfg.w2s.evidence_kind, 100 * ev_info.get("share_above_half", 0))
         if not ev_info["computed"]:
             evidence = None
+        elif cfg.w2s.prefit_steps:
+            from .w2s import prefit_student
+
+            ev_info["prefit"] = prefit_student(model.student, [LazyFeatures(b) for b in train_bags], evidence,
+                                               [int(b.label != negative) for b in train_bags],
+                                               steps=cfg.w2s.prefit_steps, seed=cfg.seed + split.fold,
+                                               negative=negative or 0, device=device)
     batcher = BagBatcher(train_bags, cfg.batch_size, max_instances=cfg.max_instances, shuffle=True,
                          seed=cfg.seed + split.fold, aux=evidence, **loader)
     if cfg.w2s.enabled:

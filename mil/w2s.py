@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from .config import W2SConfig
 
 __all__ = ["W2SConfig", "class_loss", "distill_loss", "fold_evidence", "hardened_student", "keep_mask",
-           "negative_evidence",
+           "negative_evidence", "prefit_student",
            "positive_logit", "student_loss", "teacher_labels"]
 
 
@@ -305,3 +305,49 @@ def fold_evidence(bags: list, labels: list[int], w: W2SConfig, *, seed: int = 0,
     n = sum(len(x) for x, y in zip(e, labels) if y == 1)
     high = sum(int((x > 0.5).sum()) for x, y in zip(e, labels) if y == 1)
     return e, {"computed": True, "share_above_half": high / max(n, 1), **{k: v[1] for k, v in parts.items()}}
+
+
+def prefit_student(student: torch.nn.Module, features: list, evidence: list, labels: list[int], *, steps: int,
+                   lr: float = 1e-3, batch_size: int = 512, max_instances: int = 65536, seed: int = 0,
+                   negative: int = 0, device: str | torch.device = "cpu") -> dict:
+    """Fit the student to the evidence before the bag loop: positive-bag instances towards e, negative-bag
+    instances towards 0 (class-balanced BCE on `positive_logit`), `steps` AdamW steps on mini-batches of
+    instances sampled across the bags (at most `max_instances`, half per class). A shift a few noise
+    widths from a common tissue takes many instance-level steps to learn; the bag loop gives the student
+    few, on whole bags. Seeded inside a forked RNG: the fold's random state is the same without it."""
+    dev = torch.device(device)
+    rng = np.random.default_rng(seed)
+    xs, ts, cs = [], [], []
+    for cls in (1, 0):
+        bags = [i for i, y in enumerate(labels) if y == cls and len(features[i])]
+        sizes = np.array([len(features[i]) for i in bags])
+        if not len(bags):
+            continue
+        flat = np.sort(rng.choice(int(sizes.sum()), min(max_instances // 2, int(sizes.sum())), replace=False))
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        owner = np.searchsorted(starts, flat, side="right") - 1
+        for o in np.unique(owner):
+            rows = flat[owner == o] - starts[o]
+            xs.append(np.asarray(features[bags[o]][rows], np.float32))
+            ts.append(np.asarray(evidence[bags[o]], np.float32)[rows] if cls else np.zeros(len(rows), np.float32))
+            cs.append(np.full(len(rows), cls))
+    if not xs or steps <= 0:
+        return {"steps": 0}
+    x, t, c = (torch.from_numpy(np.concatenate(a)) for a in (xs, ts, cs))
+    w = torch.where(c == 1, 0.5 / max(int((c == 1).sum()), 1), 0.5 / max(int((c == 0).sum()), 1)) * len(c)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+        was = student.training
+        student.train()
+        for _ in range(steps):
+            idx = torch.randint(len(x), (min(batch_size, len(x)),))
+            z = positive_logit(student(x[idx].to(dev)), negative)
+            loss = (F.binary_cross_entropy_with_logits(z.float(), t[idx].to(dev), reduction="none")
+                    * w[idx].to(dev)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        student.train(was)
+    return {"steps": steps, "instances": len(x), "last_loss": float(loss.item())}
