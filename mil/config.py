@@ -49,9 +49,12 @@ class W2SConfig:
     evidence: bool = field(default=True, metadata={
         "help": "gate the teacher's and the hardened labels by negative-bag evidence (mi-SVM-style k-NN)",
         "off_help": "no negative-bag evidence: the teacher's labels as they are (the method before issue 9)"})
-    evidence_kind: Literal["contrast", "knn", "both"] = field(default="both", metadata=_help(
+    evidence_kind: Literal["auto", "contrast", "knn", "both"] = field(default="auto", metadata=_help(
         "contrast: a calibrated linear classifier of positive- against negative-bag tiles (sees a subtle shift); "
-        "knn: k-NN enrichment against the negative bags (sees a distinct type); both: the larger of the two"))
+        "knn: k-NN enrichment against the negative bags (sees a distinct type); both: the larger of the two; "
+        "auto: knn, joined by the contrast when knn leaves almost nothing unexplained (--w2s-contrast-below)"))
+    contrast_below: float = field(default=0.005, metadata=_help(
+        "auto: the contrast joins when k-NN leaves fewer than this share of positive-bag tiles unexplained"))
     contrast_radius: int = field(default=1, metadata=_help(
         "the contrast describes a tile by the mean of its features over this many tiles around it (0: the tile)"))
     contrast_rounds: int = field(default=3, metadata=_help(
@@ -75,8 +78,9 @@ class W2SConfig:
         check_setting(0 <= self.reject_below < 1, "w2s_reject", self.reject_below, "a probability in [0, 1)")
         check_setting(0 <= self.fp_rate < 1, "w2s_fp_rate", self.fp_rate, "a rate in [0, 1)")
         check_setting(0 < self.evidence_quantile < 1, "w2s_evidence_quantile", self.evidence_quantile, "in (0, 1)")
-        check_setting(self.evidence_kind in ("contrast", "knn", "both"), "w2s_evidence_kind", self.evidence_kind,
-                      "contrast, knn or both")
+        check_setting(self.evidence_kind in ("auto", "contrast", "knn", "both"), "w2s_evidence_kind",
+                      self.evidence_kind, "auto, contrast, knn or both")
+        check_setting(0 <= self.contrast_below <= 1, "w2s_contrast_below", self.contrast_below, "a share in [0, 1]")
         for name in ("evidence_k", "evidence_refs", "backoff_patience", "contrast_rounds"):
             check_setting(getattr(self, name) >= 1, f"w2s_{name}", getattr(self, name), "at least 1")
         for name in ("contrast_radius", "prefit_steps", "warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight",

@@ -235,7 +235,7 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
         evidence, ev_info = fold_evidence(train_bags, [int(b.label != negative) for b in train_bags], cfg.w2s,
                                           seed=cfg.seed + split.fold, device=device)
         log.info("fold %d: negative-bag evidence (%s): %.1f%% of positive-bag instances above 1/2", split.fold,
-                 cfg.w2s.evidence_kind, 100 * ev_info.get("share_above_half", 0))
+                 ev_info.get("used"), 100 * ev_info.get("share_above_half", 0))
         if not ev_info["computed"]:
             evidence = None
         elif cfg.w2s.prefit_steps:

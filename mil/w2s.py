@@ -282,29 +282,39 @@ def negative_evidence(features: list, labels: list[int], *, k: int = 5, max_refs
 def fold_evidence(bags: list, labels: list[int], w: W2SConfig, *, seed: int = 0,
                   device: str | torch.device = "cpu") -> tuple[list, dict]:
     """The negative-bag evidence of a fold's training bags (`labels`: 1 positive bag, 0 negative) as
-    `w.evidence_kind` names it: "knn" (`negative_evidence`), "contrast" (`mil.contrast.contrast_evidence`)
-    or "both", e = max(e_knn, e_contrast). Returns per-bag arrays and a summary (per kind under "both")."""
+    `w.evidence_kind` names it: "knn" (`negative_evidence`), "contrast" (`mil.contrast.contrast_evidence`),
+    "both" (e = max(e_knn, e_contrast) per instance), or "auto": the k-NN evidence, joined by the contrast
+    (as in "both") when the k-NN evidence leaves fewer than `w.contrast_below` of the positive bags'
+    instances unexplained (e > 1/2): a tumour that is a type of its own is left to the k-NN evidence,
+    which does not also flag a confounder gathered at its margin; one it cannot see is sought by the
+    contrast. Returns per-bag arrays and a summary (per kind)."""
     from .cohort import LazyFeatures
     from .contrast import contrast_evidence
 
     feats = [LazyFeatures(b) for b in bags]
+    kind = w.evidence_kind
     parts: dict[str, tuple[list, dict]] = {}
-    if w.evidence_kind in ("knn", "both"):
+    if kind in ("knn", "both", "auto"):
         parts["knn"] = negative_evidence(feats, labels, k=w.evidence_k, max_refs=w.evidence_refs,
                                          quantile=w.evidence_quantile, seed=seed, device=device)
-    if w.evidence_kind in ("contrast", "both"):
+        if kind == "auto":
+            info = parts["knn"][1]
+            kind = "both" if not info["computed"] or info["share_above_half"] < w.contrast_below else "knn"
+    if kind in ("contrast", "both"):
         parts["contrast"] = contrast_evidence(feats, labels, [b.coords for b in bags], radius=w.contrast_radius,
                                               rounds=w.contrast_rounds, max_refs=2 * w.evidence_refs,
                                               quantile=w.evidence_quantile, seed=seed, device=device)
-    done = [p for p in parts.values() if p[1]["computed"]]
     if len(parts) == 1:
-        return next(iter(parts.values()))
+        e, info = next(iter(parts.values()))
+        return e, {**info, "used": kind}
+    done = [p for p in parts.values() if p[1]["computed"]]
+    summary = {k: v[1] for k, v in parts.items()}
     if not done:
-        return parts["knn"][0], {"computed": False, **{k: v[1] for k, v in parts.items()}}
+        return parts["knn"][0], {"computed": False, "used": kind, **summary}
     e = [np.maximum.reduce([p[0][i] for p in done]) for i in range(len(bags))]
     n = sum(len(x) for x, y in zip(e, labels) if y == 1)
     high = sum(int((x > 0.5).sum()) for x, y in zip(e, labels) if y == 1)
-    return e, {"computed": True, "share_above_half": high / max(n, 1), **{k: v[1] for k, v in parts.items()}}
+    return e, {"computed": True, "used": kind, "share_above_half": high / max(n, 1), **summary}
 
 
 def prefit_student(student: torch.nn.Module, features: list, evidence: list, labels: list[int], *, steps: int,
