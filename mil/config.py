@@ -60,7 +60,8 @@ class W2SConfig:
     contrast_rounds: int = field(default=3, metadata=_help(
         "fits of the contrast: the first on inherited labels, each later one on the positives it kept (mi-SVM)"))
     prefit_steps: int = field(default=600, metadata=_help(
-        "instance-level steps fitting the student to the evidence before the bag loop (0: none)"))
+        "instance-level steps fitting the student to the evidence before the bag loop, when the contrast is "
+        "part of it (0: none)"))
     evidence_k: int = field(default=5, metadata=_help("neighbours per reference class in the evidence"))
     evidence_refs: int = field(default=8192, metadata=_help(
         "reference instances sampled per class (negative bags, positive bags) for the evidence"))

@@ -238,7 +238,7 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
                  ev_info.get("used"), 100 * ev_info.get("share_above_half", 0))
         if not ev_info["computed"]:
             evidence = None
-        elif cfg.w2s.prefit_steps:
+        elif cfg.w2s.prefit_steps and "contrast" in ev_info:   # a subtle shift takes many instance-level steps
             from .w2s import prefit_student
 
             ev_info["prefit"] = prefit_student(model.student, [LazyFeatures(b) for b in train_bags], evidence,
