@@ -92,7 +92,9 @@ def contrast_evidence(features: list, labels: list[int], coords: list | None = N
     corners, None: the features as they are). The negative bags are split in two (seeded, by bag): a
     fitting half and a calibration half. Up to `max_refs` instances of the positive bags (P), of the
     fitting half (N) and half as many of the calibration half (C) are sampled and standardised on P
-    and N. Round 0 fits a class-balanced logistic regression s(x) = w.x + b of P (label 1) against N
+    and N; N's instances enter the fit twice, as neighbourhood means and as single tiles, so a tissue
+    the negative bags hold scattered is negative also where it lies dense (a confounder gathered at
+    a tumour margin has the single-tile score of its scattered twins in negative bags). Round 0 fits a class-balanced logistic regression s(x) = w.x + b of P (label 1) against N
     (label 0), the inheritance classifier; the calibration half gives the null: s0 = the `quantile` of
     s over C, T = (s0 - median_C s) / 4. Each later round keeps as positives only the instances of P
     with s > s0 (the others join the negatives), gives the instances of N with s > s0 together as much
@@ -116,7 +118,6 @@ def contrast_evidence(features: list, labels: list[int], coords: list | None = N
         return torch.from_numpy(_sample(features, coords, bags, m, radius, rng, tiles)).to(dev)
 
     xp, xn, xc = take(pos, max_refs), take(fit, max_refs, True), take(cal, max(1, max_refs // 2))
-
     both = torch.cat([xp, xn])
     mu, sd = both.mean(0), both.std(0).clamp_min(1e-6)
     xp, xn, xc = ((t - mu) / sd for t in (xp, xn, xc))
@@ -144,13 +145,11 @@ def contrast_evidence(features: list, labels: list[int], coords: list | None = N
             break
         keep, hard = (sp > s0).float(), sn > s0
     w_, b_ = (theta[:-1] / sd).cpu(), (theta[-1] - (mu / sd) @ theta[:-1]).item()
-
     n_pos, high = 0, 0
     for i in pos:
         f = neighbourhood_mean(features[i], coords[i], radius)
         s = np.concatenate([(torch.from_numpy(f[j:j + chunk]) @ w_).numpy() for j in range(0, len(f), chunk)]) + b_
         e = (1 / (1 + np.exp(-np.clip((s - s0) / temp, -60, 60)))).astype(np.float32)
-
         out[i] = e
         n_pos += len(e)
         high += int((e > 0.5).sum())
