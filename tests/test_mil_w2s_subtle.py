@@ -64,7 +64,8 @@ def test_w2s_student_beats_the_inheritance_baseline_and_keeps_the_bag_auc(subtle
     plain = _fold(cohort, split, W2SConfig(enabled=False))
     w2s = _fold(cohort, split, W2SConfig())
     base = w2s.instance["baseline"]["auc"]
-    assert w2s.instance["student"]["auc"] >= base + 0.05, (w2s.instance, base)
+    # the k-NN evidence alone gets this student about 0.07 over the baseline here; with the contrast, 0.11
+    assert w2s.instance["student"]["auc"] >= base + 0.1, (w2s.instance, base)
     assert w2s.instance["student"]["auc"] >= plain.instance["student"]["auc"] + 0.1
     # one fold of 32 test slides: a bag AUC within 0.1 of the plain run's (the 3-seed benchmark holds it level)
     assert w2s.metrics["auc"] >= plain.metrics["auc"] - 0.1, (plain.metrics, w2s.metrics)
