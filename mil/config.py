@@ -49,6 +49,19 @@ class W2SConfig:
     evidence: bool = field(default=True, metadata={
         "help": "gate the teacher's and the hardened labels by negative-bag evidence (mi-SVM-style k-NN)",
         "off_help": "no negative-bag evidence: the teacher's labels as they are (the method before issue 9)"})
+    evidence_kind: Literal["auto", "contrast", "knn", "both"] = field(default="auto", metadata=_help(
+        "contrast: a calibrated linear classifier of positive- against negative-bag tiles (sees a subtle shift); "
+        "knn: k-NN enrichment against the negative bags (sees a distinct type); both: the larger of the two; "
+        "auto: knn, joined by the contrast when knn leaves almost nothing unexplained (--w2s-contrast-below)"))
+    contrast_below: float = field(default=0.005, metadata=_help(
+        "auto: the contrast joins when k-NN leaves fewer than this share of positive-bag tiles unexplained"))
+    contrast_radius: int = field(default=1, metadata=_help(
+        "the contrast describes a tile by the mean of its features over this many tiles around it (0: the tile)"))
+    contrast_rounds: int = field(default=3, metadata=_help(
+        "fits of the contrast: the first on inherited labels, each later one on the positives it kept (mi-SVM)"))
+    prefit_steps: int = field(default=600, metadata=_help(
+        "instance-level steps fitting the student to the evidence before the bag loop, when the contrast is "
+        "part of it (0: none)"))
     evidence_k: int = field(default=5, metadata=_help("neighbours per reference class in the evidence"))
     evidence_refs: int = field(default=8192, metadata=_help(
         "reference instances sampled per class (negative bags, positive bags) for the evidence"))
@@ -66,9 +79,12 @@ class W2SConfig:
         check_setting(0 <= self.reject_below < 1, "w2s_reject", self.reject_below, "a probability in [0, 1)")
         check_setting(0 <= self.fp_rate < 1, "w2s_fp_rate", self.fp_rate, "a rate in [0, 1)")
         check_setting(0 < self.evidence_quantile < 1, "w2s_evidence_quantile", self.evidence_quantile, "in (0, 1)")
-        for name in ("evidence_k", "evidence_refs", "backoff_patience"):
+        check_setting(self.evidence_kind in ("auto", "contrast", "knn", "both"), "w2s_evidence_kind",
+                      self.evidence_kind, "auto, contrast, knn or both")
+        check_setting(0 <= self.contrast_below <= 1, "w2s_contrast_below", self.contrast_below, "a share in [0, 1]")
+        for name in ("evidence_k", "evidence_refs", "backoff_patience", "contrast_rounds"):
             check_setting(getattr(self, name) >= 1, f"w2s_{name}", getattr(self, name), "at least 1")
-        for name in ("warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight",
+        for name in ("contrast_radius", "prefit_steps", "warmup", "ramp", "min_keep", "min_warmup_steps", "instance_weight", "distill_weight",
                      "backoff_tol", "backoff_rel"):
             check_setting(getattr(self, name) >= 0, f"w2s_{name}", getattr(self, name), "0 or more")
 

@@ -230,17 +230,21 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
     w2s_on = cfg.w2s.enabled and negative is not None
     evidence, ev_info = None, None
     if w2s_on and cfg.w2s.evidence:
-        from .w2s import negative_evidence
+        from .w2s import fold_evidence
 
-        evidence, ev_info = negative_evidence([LazyFeatures(b) for b in train_bags],
-                                              [int(b.label != negative) for b in train_bags],
-                                              k=cfg.w2s.evidence_k, max_refs=cfg.w2s.evidence_refs,
-                                              quantile=cfg.w2s.evidence_quantile, seed=cfg.seed + split.fold,
-                                              device=device)
-        log.info("fold %d: negative-bag evidence: %.1f%% of positive-bag instances above 1/2 (d0 %.4f)",
-                 split.fold, 100 * ev_info.get("share_above_half", 0), ev_info.get("d0", float("nan")))
+        evidence, ev_info = fold_evidence(train_bags, [int(b.label != negative) for b in train_bags], cfg.w2s,
+                                          seed=cfg.seed + split.fold, device=device)
+        log.info("fold %d: negative-bag evidence (%s): %.1f%% of positive-bag instances above 1/2", split.fold,
+                 ev_info.get("used"), 100 * ev_info.get("share_above_half", 0))
         if not ev_info["computed"]:
             evidence = None
+        elif cfg.w2s.prefit_steps and "contrast" in ev_info:   # a subtle shift takes many instance-level steps
+            from .w2s import prefit_student
+
+            ev_info["prefit"] = prefit_student(model.student, [LazyFeatures(b) for b in train_bags], evidence,
+                                               [int(b.label != negative) for b in train_bags],
+                                               steps=cfg.w2s.prefit_steps, seed=cfg.seed + split.fold,
+                                               negative=negative or 0, device=device)
     batcher = BagBatcher(train_bags, cfg.batch_size, max_instances=cfg.max_instances, shuffle=True,
                          seed=cfg.seed + split.fold, aux=evidence, **loader)
     if cfg.w2s.enabled:

@@ -20,6 +20,12 @@ NIPS 2002), as a k-nearest-neighbour score calibrated on the negative bags thems
 teacher's labels and the student's hardened labels, so the teacher cannot hand a confounder to the
 student (issue 9), and it vouches for instances the attention overlooked.
 
+Discriminative evidence (`mil.contrast.contrast_evidence`): a subtle tumour, a small shift of a common
+normal tissue, has normal nearest neighbours and escapes the k-NN evidence; a calibrated linear contrast
+of positive- against negative-bag tiles sees the shift. `fold_evidence` computes the kind `W2SConfig.
+evidence_kind` names; "both" takes the larger of the two per instance (an instance is explained only
+when both say so).
+
 Back-off: filtering and distillation feed the student back into the bag branch; `mil/train.py` keeps
 them only while they do not hurt the validation bag loss (see `W2SConfig.backoff_tol`).
 
@@ -43,7 +49,8 @@ import torch.nn.functional as F
 
 from .config import W2SConfig
 
-__all__ = ["W2SConfig", "class_loss", "distill_loss", "hardened_student", "keep_mask", "negative_evidence",
+__all__ = ["W2SConfig", "class_loss", "distill_loss", "fold_evidence", "hardened_student", "keep_mask",
+           "negative_evidence", "prefit_student",
            "positive_logit", "student_loss", "teacher_labels"]
 
 
@@ -270,3 +277,87 @@ def negative_evidence(features: list, labels: list[int], *, k: int = 5, max_refs
             "d0": d0, "temperature": temp, "positive_instances": n_pos,
             "share_above_half": high / max(n_pos, 1)}
     return out, info
+
+
+def fold_evidence(bags: list, labels: list[int], w: W2SConfig, *, seed: int = 0,
+                  device: str | torch.device = "cpu") -> tuple[list, dict]:
+    """The negative-bag evidence of a fold's training bags (`labels`: 1 positive bag, 0 negative) as
+    `w.evidence_kind` names it: "knn" (`negative_evidence`), "contrast" (`mil.contrast.contrast_evidence`),
+    "both" (e = max(e_knn, e_contrast) per instance), or "auto": the k-NN evidence, joined by the contrast
+    (as in "both") when the k-NN evidence leaves fewer than `w.contrast_below` of the positive bags'
+    instances unexplained (e > 1/2): a tumour that is a type of its own is left to the k-NN evidence,
+    which does not also flag a confounder gathered at its margin; one it cannot see is sought by the
+    contrast. Returns per-bag arrays and a summary (per kind)."""
+    from .cohort import LazyFeatures
+    from .contrast import contrast_evidence
+
+    feats = [LazyFeatures(b) for b in bags]
+    kind = w.evidence_kind
+    parts: dict[str, tuple[list, dict]] = {}
+    if kind in ("knn", "both", "auto"):
+        parts["knn"] = negative_evidence(feats, labels, k=w.evidence_k, max_refs=w.evidence_refs,
+                                         quantile=w.evidence_quantile, seed=seed, device=device)
+        if kind == "auto":
+            info = parts["knn"][1]
+            kind = "both" if not info["computed"] or info["share_above_half"] < w.contrast_below else "knn"
+    if kind in ("contrast", "both"):
+        parts["contrast"] = contrast_evidence(feats, labels, [b.coords for b in bags], radius=w.contrast_radius,
+                                              rounds=w.contrast_rounds, max_refs=2 * w.evidence_refs,
+                                              quantile=w.evidence_quantile, seed=seed, device=device)
+    if len(parts) == 1:
+        e, info = next(iter(parts.values()))
+        return e, {**info, "used": kind}
+    done = [p for p in parts.values() if p[1]["computed"]]
+    summary = {k: v[1] for k, v in parts.items()}
+    if not done:
+        return parts["knn"][0], {"computed": False, "used": kind, **summary}
+    e = [np.maximum.reduce([p[0][i] for p in done]) for i in range(len(bags))]
+    n = sum(len(x) for x, y in zip(e, labels) if y == 1)
+    high = sum(int((x > 0.5).sum()) for x, y in zip(e, labels) if y == 1)
+    return e, {"computed": True, "used": kind, "share_above_half": high / max(n, 1), **summary}
+
+
+def prefit_student(student: torch.nn.Module, features: list, evidence: list, labels: list[int], *, steps: int,
+                   lr: float = 1e-3, batch_size: int = 512, max_instances: int = 65536, seed: int = 0,
+                   negative: int = 0, device: str | torch.device = "cpu") -> dict:
+    """Fit the student to the evidence before the bag loop: positive-bag instances towards e, negative-bag
+    instances towards 0 (class-balanced BCE on `positive_logit`), `steps` AdamW steps on mini-batches of
+    instances sampled across the bags (at most `max_instances`, half per class). A shift a few noise
+    widths from a common tissue takes many instance-level steps to learn; the bag loop gives the student
+    few, on whole bags. Seeded inside a forked RNG: the fold's random state is the same without it."""
+    dev = torch.device(device)
+    rng = np.random.default_rng(seed)
+    xs, ts, cs = [], [], []
+    for cls in (1, 0):
+        bags = [i for i, y in enumerate(labels) if y == cls and len(features[i])]
+        sizes = np.array([len(features[i]) for i in bags])
+        if not len(bags):
+            continue
+        flat = np.sort(rng.choice(int(sizes.sum()), min(max_instances // 2, int(sizes.sum())), replace=False))
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        owner = np.searchsorted(starts, flat, side="right") - 1
+        for o in np.unique(owner):
+            rows = flat[owner == o] - starts[o]
+            xs.append(np.asarray(features[bags[o]][rows], np.float32))
+            ts.append(np.asarray(evidence[bags[o]], np.float32)[rows] if cls else np.zeros(len(rows), np.float32))
+            cs.append(np.full(len(rows), cls))
+    if not xs or steps <= 0:
+        return {"steps": 0}
+    x, t, c = (torch.from_numpy(np.concatenate(a)) for a in (xs, ts, cs))
+    w = torch.where(c == 1, 0.5 / max(int((c == 1).sum()), 1), 0.5 / max(int((c == 0).sum()), 1)) * len(c)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+        was = student.training
+        student.train()
+        for _ in range(steps):
+            idx = torch.randint(len(x), (min(batch_size, len(x)),))
+            z = positive_logit(student(x[idx].to(dev)), negative)
+            loss = (F.binary_cross_entropy_with_logits(z.float(), t[idx].to(dev), reduction="none")
+                    * w[idx].to(dev)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        student.train(was)
+    return {"steps": steps, "instances": len(x), "last_loss": float(loss.item())}
