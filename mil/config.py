@@ -48,7 +48,7 @@ class W2SConfig:
         "optimizer steps the student needs before it may overrule anyone (warm-up is stretched to them)"))
     evidence: bool = field(default=True, metadata={
         "help": "gate the teacher's and the hardened labels by negative-bag evidence (mi-SVM-style k-NN)",
-        "off_help": "no negative-bag evidence: the teacher's labels as they are (the method before issue 9)"})
+        "off_help": "no negative-bag evidence: the teacher's labels as they are (the teacher before negative-bag evidence)"})
     evidence_kind: Literal["auto", "contrast", "knn", "both"] = field(default="auto", metadata=_help(
         "contrast: a calibrated linear classifier of positive- against negative-bag tiles (sees a subtle shift); "
         "knn: k-NN enrichment against the negative bags (sees a distinct type); both: the larger of the two; "

@@ -15,8 +15,8 @@ few shared "stain / scanner" directions). Tissue types:
 
 Tile labels are 1 for tumour, 0 else (`Bag.instance_labels`), coords are the tiles' level-0 corners.
 `make_feature_cohort` returns a `mil.cohort.Cohort` held in memory; tests and
-`scripts/bench/bench_w2s.py --setting features` train on it. The cohort is what issue 9 measured the
-weak-to-strong correction on: a bag classifier can reach a high AUC by counting the confounder.
+`scripts/bench/bench_w2s.py --setting features` train on it. The cohort is what the w2s back-off was measured
+on: a bag classifier can reach a high AUC by counting the confounder.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ NORMAL, TUMOUR, CONFOUNDER, MIMIC = "normal", "tumour", "confounder", "mimic"
 
 @dataclass
 class SimConfig:
-    """Settings of a feature-level cohort (defaults: the issue-9 setting, 384-d)."""
+    """Settings of a feature-level cohort (defaults: the margin-confounder setting, 384-d)."""
 
     n_slides: int = 96
     dim: int = 384

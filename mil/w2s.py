@@ -18,7 +18,7 @@ nearest neighbours among the negative bags' instances are as close as those amon
 bags' cannot be tumour: the negative-bag constraint of mi-SVM (Andrews, Tsochantaridis & Hofmann,
 NIPS 2002), as a k-nearest-neighbour score calibrated on the negative bags themselves. It gates the
 teacher's labels and the student's hardened labels, so the teacher cannot hand a confounder to the
-student (issue 9), and it vouches for instances the attention overlooked.
+student, and it vouches for instances the attention overlooked.
 
 Discriminative evidence (`mil.contrast.contrast_evidence`): a subtle tumour, a small shift of a common
 normal tissue, has normal nearest neighbours and escapes the k-NN evidence; a calibrated linear contrast

@@ -1,4 +1,4 @@
-"""Weak-to-strong correction on a cohort with a margin confounder (issue 9): it must not destroy the bag
+"""Weak-to-strong correction on a cohort with a margin confounder: it must not destroy the bag
 classifier, it must find the real positives through the negative bags, and its feedback must back off
 when it hurts. Cohorts come from mil/simulate.py, small enough for a 2-core machine."""
 import json

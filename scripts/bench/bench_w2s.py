@@ -89,7 +89,7 @@ def feature_cohort(seed: int, n_slides: int, dim: int = 128, overrides: dict | N
 
 
 def diagnose(cohort, kinds, seed: int, epochs: int, folds: int) -> None:
-    """ABMIL on one fold, without and with --w2s (and with the pre-issue-9 method: no evidence, no
+    """ABMIL on one fold, without and with --w2s (and with the method before negative-bag evidence: no evidence, no
     back-off): per tissue type the student's mean score, the attention x n and the share of tiles the
     bag branch attends to, on the test slides."""
     import numpy as np
