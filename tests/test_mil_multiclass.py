@@ -105,7 +105,8 @@ def test_binary_metrics_keys_are_unchanged(tmp_path):
                                                   device="cpu"), tmp_path / "r", progress=False)
     assert set(m) == {"model", "w2s", "positive_class", "class_names", "encoder", "folds", "run_id", "bag_auc",
                       "bag_accuracy", "bag_balanced_accuracy", "bag_f1", "instance_auc", "instance_ap",
-                      "instance_auc_attention", "instance_ap_attention", "best_epochs", "instance_labels"}
+                      "instance_auc_attention", "instance_ap_attention", "instance_auc_baseline",
+                      "instance_ap_baseline", "baseline_seconds", "best_epochs", "instance_labels"}
     fold = json.loads((tmp_path / "r" / "fold_0" / "result.json").read_text())
     assert set(fold["metrics"]) == {"auc", "accuracy", "balanced_accuracy", "f1"}
     assert (tmp_path / "r" / "roc.png").exists() and not (tmp_path / "r" / "confusion.png").exists()
