@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .cohort import Bag
 from .models.base import InstanceStudent
 
-__all__ = ["fit_inheritance", "inheritance_scores", "sample_instances", "score_bags"]
+__all__ = ["fit_inheritance", "fold_baseline", "inheritance_scores", "sample_instances", "score_bags"]
 
 
 def sample_instances(bags: Sequence[Bag], targets: Sequence[int], max_instances: int,
@@ -116,3 +116,16 @@ def inheritance_scores(train_bags: Sequence[Bag], eval_bags: Sequence[Bag], *, s
     x, y = sample_instances(train_bags, targets, max_instances, np.random.default_rng(seed))
     model = fit_inheritance(x, y, seed=seed, device=device, epochs=epochs, **fit_kw)
     return score_bags(model, eval_bags)
+
+
+def fold_baseline(train_bags: Sequence[Bag], test_bags: Sequence[Bag], *, enabled: bool = True, seed: int = 0,
+                  device: str | torch.device = "cpu", negative: int = 0) -> dict | None:
+    """What `mil train` reports for a fold: {"scores": the inheritance baseline's instance scores per test
+    bag, "seconds": its cost}, when `enabled` and some test bag has tile labels; None otherwise."""
+    if not enabled or not any(b.instance_labels is not None for b in test_bags):
+        return None
+    import time
+
+    t0 = time.perf_counter()
+    scores = inheritance_scores(train_bags, test_bags, seed=seed, device=device, negative=negative)
+    return {"scores": scores, "seconds": time.perf_counter() - t0}

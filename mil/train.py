@@ -23,6 +23,7 @@ from wsi.errors import RunError
 from wsi.runtime import (atomic_write_json, autocast, deterministic, large_frees_to_os, package_version,
                          resolve_device, resolve_precision, seed_everything)
 
+from .baseline import fold_baseline
 from .batching import BagBatcher
 from .checkpoint import check_resume, finished_folds, read_run_config, save_config, save_fold_model
 from .cohort import Bag, Cohort, LazyFeatures, name_ids
@@ -187,21 +188,6 @@ def _instance_eval(bags: list[Bag], ev: dict, baseline: dict | None = None) -> d
     return out
 
 
-def _baseline(train_bags: list[Bag], test_bags: list[Bag], cfg: TrainConfig, device: torch.device,
-              negative: int) -> dict | None:
-    """The inheritance baseline's instance scores on the test bags (`mil.baseline`), when asked for
-    and some test bag has tile labels; None otherwise."""
-    if not cfg.baseline or not any(b.instance_labels is not None for b in test_bags):
-        return None
-    import time
-
-    from .baseline import inheritance_scores
-
-    t0 = time.perf_counter()
-    scores = inheritance_scores(train_bags, test_bags, seed=cfg.seed, device=device, negative=negative)
-    return {"scores": scores, "seconds": time.perf_counter() - t0}
-
-
 def train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, *, progress: bool = True,
                data: DataConfig | None = None) -> tuple[Any, FoldResult]:
     """Train one fold; returns the model at its best validation epoch and the fold's test results.
@@ -232,8 +218,8 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
     if w2s_on and cfg.w2s.evidence:
         from .w2s import fold_evidence
 
-        evidence, ev_info = fold_evidence(train_bags, [int(b.label != negative) for b in train_bags], cfg.w2s,
-                                          seed=cfg.seed + split.fold, device=device)
+        bag_targets = [int(b.label != negative) for b in train_bags]
+        evidence, ev_info = fold_evidence(train_bags, bag_targets, cfg.w2s, seed=cfg.seed + split.fold, device=device)
         log.info("fold %d: negative-bag evidence (%s): %.1f%% of positive-bag instances above 1/2", split.fold,
                  ev_info.get("used"), 100 * ev_info.get("share_above_half", 0))
         if not ev_info["computed"]:
@@ -242,7 +228,7 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
             from .w2s import prefit_student
 
             ev_info["prefit"] = prefit_student(model.student, [LazyFeatures(b) for b in train_bags], evidence,
-                                               [int(b.label != negative) for b in train_bags],
+                                               bag_targets,
                                                steps=cfg.w2s.prefit_steps, seed=cfg.seed + split.fold,
                                                negative=negative or 0, device=device)
     batcher = BagBatcher(train_bags, cfg.batch_size, max_instances=cfg.max_instances, shuffle=True,
@@ -342,7 +328,7 @@ def _train_fold(cohort: Cohort, split: Split, cfg: TrainConfig, progress: bool,
     result = FoldResult(fold=split.fold, best_epoch=best_epoch, history=history,
                         test_ids=[b.slide_id for b in test_bags], test_labels=labels,
                         test_probs=ev["probs"].tolist(), metrics=metrics,
-                        instance=(_instance_eval(test_bags, ev, _baseline(train_bags, test_bags, cfg, device, 0))
+                        instance=(_instance_eval(test_bags, ev, fold_baseline(train_bags, test_bags, enabled=cfg.baseline, seed=cfg.seed, device=device))
                                   if binary else {"student": None, "attention": None}),
                         w2s=w2s_info)
     return model, result
