@@ -65,10 +65,6 @@ class Rows:
         return f"{len(self.rows)} {self.stage} rows" + dropped_lines(self.dropped, "lines", show)
 
 
-def _is_url(path: str) -> bool:
-    return is_url(path)
-
-
 def _image_ref(img: Any, base: Path, stores: dict[str, Any], allow_remote: bool = False,
                root: Path | None = None) -> tuple[Any, str | None]:
     """(the image with its path made absolute, None), or (None, why it cannot be used). An image file,
@@ -300,7 +296,7 @@ def make_data(store: Any, labels: str, captions: str | Path, out_dir: str | Path
     from wsi.tile_classes import tiles_by_class
 
     st = store if isinstance(store, TileStore) else TileStore.open(store, readonly=True)
-    store_path = str(Path(st.path).resolve()) if not _is_url(str(st.path)) else str(st.path)
+    store_path = str(Path(st.path).resolve()) if not is_url(str(st.path)) else str(st.path)
     classes = list(classes or DEFAULT_CLASSES)
     if len(classes) < 2 or len(set(classes)) != len(classes) or len(classes) > len(LETTERS):
         raise VlmError(f"classes {classes}: give 2-26 distinct class names ([negative, positive] for a binary label)")
